@@ -1,0 +1,71 @@
+"""The ``hf-longctx`` command: ``info``, ``demo`` (and the subcommands other modules register)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import platform
+import sys
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def kernel_status() -> dict[str, str]:
+    """Which attention paths can run here, with the reason when one cannot."""
+    import torch
+
+    status = {"sink/window attention, PyTorch reference (CPU and CUDA)": "usable"}
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        triton_status = f"unusable: triton cannot be imported ({exc})"
+    else:
+        triton_status = "usable" if torch.cuda.is_available() else "unusable: no CUDA device"
+    status["sink/window attention, Triton kernel"] = triton_status
+    return status
+
+
+def run_info(args: argparse.Namespace) -> None:
+    import torch
+
+    import hf_longctx
+
+    print(f"hf-longctx {hf_longctx.__version__}")
+    print(f"python {platform.python_version()} on {platform.system()} {platform.machine()}")
+    for package in ("torch", "transformers", "triton", "accelerate", "peft", "safetensors"):
+        print(f"{package:<13} {_version(package)}")
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (no CUDA device)"
+    print(f"device        {device}")
+    for name, state in kernel_status().items():
+        print(f"{name}: {state}")
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from .demo import main
+
+    main(args.model)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-longctx", description="Long context for Hugging Face causal LMs.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    info = subparsers.add_parser("info", help="versions, device, and which kernels are usable")
+    info.set_defaults(func=run_info)
+    demo = subparsers.add_parser("demo", help="stock vs patched quality and memory past the model's window")
+    demo.add_argument("--model", default=None, help="model folder (default: the repository's reference model)")
+    demo.set_defaults(func=run_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
