@@ -7,6 +7,9 @@ import importlib.metadata
 import platform
 import sys
 
+from .eval.command import add_eval_arguments
+from .hub.command import add_card_arguments
+
 
 def _version(package: str) -> str:
     try:
@@ -59,12 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo = subparsers.add_parser("demo", help="stock vs patched quality and memory past the model's window")
     demo.add_argument("--model", default=None, help="model folder (default: the repository's reference model)")
     demo.set_defaults(func=run_demo)
+    add_eval_arguments(subparsers)
+    add_card_arguments(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as error:  # bad arguments name the parameter: one line, not a traceback
+        parser.error(str(error))
 
 
 if __name__ == "__main__":
