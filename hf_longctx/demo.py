@@ -17,6 +17,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from .config import SinkAttention
+from .eval.perplexity import heldout_windows, window_nll
 from .memory import measure_peak_memory
 from .patching import from_pretrained, patch, unpatch
 
@@ -48,25 +49,6 @@ def tiny_random_model() -> LlamaForCausalLM:
     return LlamaForCausalLM._from_config(config, attn_implementation="sdpa").eval()
 
 
-def heldout_token_ids(tokenizer, length: int) -> torch.Tensor:
-    """(1, length) token ids of held-out (validation) documents, joined with EOS."""
-    from .eval.corpus import iter_documents
-
-    ids: list[int] = []
-    for document in iter_documents("validation"):
-        ids += tokenizer(document.text)["input_ids"] + [tokenizer.eos_token_id]
-        if len(ids) >= length:
-            return torch.tensor([ids[:length]])
-    raise ValueError(f"the validation documents of this machine hold fewer than {length} tokens")
-
-
-def perplexity(model, ids: torch.Tensor) -> float:
-    """exp(mean next-token NLL) over the whole window, in one forward pass."""
-    with torch.no_grad():
-        loss = model(ids, labels=ids).loss
-    return math.exp(loss.item())
-
-
 def run_demo(model_path: str | None = None, multiples: tuple[float, ...] = (1, 4)) -> list[DemoRow]:
     """Measure stock and sink/window attention at each multiple of the model's window."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -88,7 +70,7 @@ def run_demo(model_path: str | None = None, multiples: tuple[float, ...] = (1, 4
     lengths = [int(window * m) for m in multiples]
     longest = max(lengths)
     if tokenizer is not None:
-        ids = heldout_token_ids(tokenizer, longest)
+        ids = heldout_windows(tokenizer, [longest], num_samples=1)[1][longest]
     else:
         ids = torch.randint(0, model.config.vocab_size, (1, longest), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
@@ -101,7 +83,7 @@ def run_demo(model_path: str | None = None, multiples: tuple[float, ...] = (1, 4
         for length in lengths:
             start = time.perf_counter()
             with measure_peak_memory(device) as peak:
-                ppl = perplexity(model, ids[:, :length])
+                ppl = math.exp(window_nll(model, ids[:, :length]).item())
             rows.append(DemoRow(setting, length, length / window, ppl, peak.peak_mib, time.perf_counter() - start))
     unpatch(model)
     return rows

@@ -27,7 +27,9 @@ import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
+import shlex  # noqa: E402
 import shutil  # noqa: E402
+import sys  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
@@ -435,6 +437,7 @@ def main(argv: list[str] | None = None) -> None:
             device=torch.cuda.get_device_name() if cuda else "cpu",
             torch=torch.__version__,
             transformers=transformers.__version__,
+            command=shlex.join(["recipes/pretrain.py", *(sys.argv[1:] if argv is None else argv)]),
         )
         save_loss_curve(trainer.state.log_history, facts, args.output)
         print(f"saved {args.output}: {facts['steps']} steps, {facts['tokens_seen'] / 1e6:.1f} M tokens, "

@@ -164,3 +164,14 @@ def test_eval_then_card_commands(tmp_path, monkeypatch):
     )
     assert ppl["command"] in card.text and "(eval/ppl.png)" in card.text
     assert all(f"{value:.3f}" in card.text for value in ppl["perplexity"])
+
+
+def test_card_shows_the_training_log_and_its_command(model_dir):
+    log = {"steps": 3829, "tokens_seen": 125468672, "eval_loss": 2.0248713, "device": "NVIDIA H100 80GB HBM3"}
+    log["command"] = "recipes/pretrain.py --model target --output my-model"
+    (model_dir / "loss_curve.json").write_text(json.dumps({**log, "log_history": []}))
+    text = str(render_card(model_dir))
+    assert "## Training" in text
+    assert "| optimizer steps | 3,829 |" in text and "| tokens seen | 125,468,672 |" in text
+    assert "| final validation loss (nats/token) | 2.025 |" in text
+    assert "recipes/pretrain.py --model target --output my-model" in text

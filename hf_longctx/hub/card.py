@@ -106,6 +106,41 @@ def architecture_summary(model_dir: str | Path) -> dict[str, str]:
     return {key: str(value) for key, value in summary.items()}
 
 
+TRAINING_LOG = "loss_curve.json"
+
+
+def training_summary(model_dir: Path) -> dict | None:
+    """Facts of the run that trained the model, from ``recipes/pretrain.py``'s ``loss_curve.json``, or None.
+
+    Returns {"facts": {label: value}, "command": str | None, "plot": relative PNG path | None}.
+    """
+    path = model_dir / TRAINING_LOG
+    if not path.is_file():
+        return None
+    log = json.loads(path.read_text())
+    labels = {
+        "steps": "optimizer steps",
+        "tokens_seen": "tokens seen",
+        "seq_len": "sequence length (tokens)",
+        "batch_size": "batch size (sequences)",
+        "learning_rate": "peak learning rate",
+        "passkey_blocks": "synthetic passkey blocks",
+        "train_seconds": "training time (s)",
+        "train_tokens_per_s": "throughput (tokens/s)",
+        "eval_loss": "final validation loss (nats/token)",
+        "device": "device",
+        "torch": "torch",
+        "transformers": "transformers",
+    }
+    facts = {
+        label: f"{log[key]:,}" if isinstance(log[key], int) else f"{log[key]:.4g}" if isinstance(log[key], float) else str(log[key])
+        for key, label in labels.items()
+        if log.get(key) is not None
+    }
+    plot = path.with_suffix(".png")
+    return {"facts": facts, "command": log.get("command"), "plot": plot.name if plot.is_file() else None}
+
+
 def _eval_results(result: Result, config_name: str) -> list[EvalResult]:
     """The model-index entries of one result: one per length (perplexity, or accuracy averaged over depths)."""
     common = dict(task_type="text-generation", task_name=TITLES[result.task], metric_config=config_name)
@@ -213,6 +248,7 @@ def render_card(
         description=description or "A causal language model, evaluated for long context with hf-longctx.",
         longctx=json.dumps(longctx, indent=2) if longctx else None,
         architecture=architecture_summary(model_dir),
+        training=training_summary(model_dir),
         sections=sections,
     )
 
