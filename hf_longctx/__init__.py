@@ -10,7 +10,8 @@ Importing the package registers the ``longctx_*`` attention implementations, so
 """
 
 from .attention import register as _register_attention
-from .config import LongCtxConfig, SinkAttention
+from .cache import LongCtxCache
+from .config import KVEviction, LongCtxConfig, SinkAttention
 from .patching import UnsupportedModelError, from_pretrained, patch, patched_config, unpatch
 
 __version__ = "0.1.0"
@@ -18,6 +19,8 @@ __version__ = "0.1.0"
 _register_attention()
 
 __all__ = [
+    "KVEviction",
+    "LongCtxCache",
     "LongCtxConfig",
     "SinkAttention",
     "UnsupportedModelError",

@@ -51,11 +51,255 @@ class SinkAttention:
         _check_int("SinkAttention", "window", self.window, 1)
 
 
+KV_POLICIES = ("streaming", "snapkv", "h2o", "tova", "pyramidkv", "kvcrush", "think")
+# Policies that score tokens by themselves; kvcrush and think build on one of them (`base`).
+KV_BASE_POLICIES = ("streaming", "snapkv", "h2o", "tova")
+
+
+def _check_fraction(owner: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{owner}: `{name}` must be a number in (0, 1], got {value!r}")
+
+
+@dataclass(frozen=True)
+class KVEviction:
+    """Evict KV-cache entries of the full-attention layers down to a token budget (see ``hf_longctx.cache``).
+
+    The shorthand name is the policy: ``"snapkv:2048"`` is ``KVEviction(policy="snapkv", budget=2048)``.
+
+    Attributes:
+        policy: which tokens to keep, always the first ``sink_tokens`` and the last ``recent`` real tokens plus:
+            ``"streaming"`` the most recent others (StreamingLLM); ``"snapkv"`` the most attended by the
+            last ``window`` queries of the prompt, pooled along the keys (SnapKV); ``"h2o"`` the most attended
+            by all queries so far (H2O); ``"tova"`` the most attended by the latest query, averaged over heads
+            (TOVA); ``"pyramidkv"`` snapkv with per-layer budgets falling linearly from 1.5x to 0.5x
+            ``budget`` (PyramidKV); ``"kvcrush"`` the ``base`` policy's choice for part of the budget and,
+            for the other ``representatives`` part, one token per group of evicted tokens with similar
+            per-head attention (KVCrush); ``"think"`` the ``base`` policy's tokens with only a ``channels``
+            fraction of the key channels stored (ThinK).
+        budget: tokens each layer keeps after an eviction (per sequence and key/value head); >= 1.
+        ratio: the budget as a fraction in (0, 1] of the tokens seen by the end of the latest prefill
+            (padding included, so every row of a batch has the same budget). Exactly one of ``budget``
+            and ``ratio`` (``think`` may have neither: then it evicts no tokens).
+        sink_tokens: first real tokens always kept; >= 0.
+        recent: last real tokens always kept; >= 0. Default: ``window`` (0 for ``streaming``, which
+            prefers recent tokens anyway).
+        window: observation window: how many of the latest queries score the keys at a prefill; >= 1.
+        pooling: odd kernel size (tokens) of the average pooling of scores along the keys; 1 = none.
+        every: evict once ``every`` tokens beyond the budget have accumulated; 1 = as soon as over budget.
+            Larger values amortise the compaction copy over ``every`` decoding steps.
+        prefill_chunk: if set, ``generate`` runs the prefill in chunks of this many tokens and evicts
+            after each, so the cache holds at most about ``budget + prefill_chunk`` tokens.
+        base: the token policy under ``kvcrush`` and ``think``; one of KV_BASE_POLICIES.
+        representatives: ``kvcrush`` only: fraction in (0, 1] of the budget (beyond sinks and recent)
+            filled with representatives of otherwise evicted tokens.
+        channels: ``think`` only: fraction in (0, 1] of each key/value head's key channels stored.
+    """
+
+    policy: str
+    budget: int | None = None
+    ratio: float | None = None
+    sink_tokens: int = 4
+    recent: int | None = None
+    window: int = 32
+    pooling: int = 5
+    every: int = 1
+    prefill_chunk: int | None = None
+    base: str = "snapkv"
+    representatives: float = 0.25
+    channels: float = 0.5
+
+    kind: ClassVar[str] = "kv"
+    name: ClassVar[str] = "kv eviction"
+    named_by: ClassVar[str] = "policy"  # the shorthand / "type" name sets this field
+    shorthand_fields: ClassVar[tuple[str, ...]] = ("budget", "sink_tokens")
+
+    def __post_init__(self) -> None:
+        owner = "KVEviction"
+        if self.policy not in KV_POLICIES:
+            raise ValueError(f"{owner}: unknown `policy` {self.policy!r}; accepted: {', '.join(KV_POLICIES)}")
+        if self.base not in KV_BASE_POLICIES:
+            raise ValueError(f"{owner}: unknown `base` {self.base!r}; accepted: {', '.join(KV_BASE_POLICIES)}")
+        if self.budget is not None and self.ratio is not None:
+            raise ValueError(f"{owner}: give `budget` (tokens) or `ratio` (a fraction), not both")
+        if self.budget is None and self.ratio is None and self.policy != "think":
+            raise ValueError(f"{owner}: policy {self.policy!r} needs `budget` (tokens) or `ratio` (a fraction)")
+        if self.budget is not None:
+            _check_int(owner, "budget", self.budget, 1)
+        if self.ratio is not None:
+            _check_fraction(owner, "ratio", self.ratio)
+        for field_name, minimum in (("sink_tokens", 0), ("window", 1), ("pooling", 1), ("every", 1)):
+            _check_int(owner, field_name, getattr(self, field_name), minimum)
+        if self.recent is not None:
+            _check_int(owner, "recent", self.recent, 0)
+        if self.prefill_chunk is not None:
+            _check_int(owner, "prefill_chunk", self.prefill_chunk, 1)
+        if self.pooling % 2 == 0:
+            raise ValueError(f"{owner}: `pooling` must be an odd kernel size, got {self.pooling}")
+        _check_fraction(owner, "representatives", self.representatives)
+        _check_fraction(owner, "channels", self.channels)
+        if self.budget is not None and self.budget < self.protected_tokens:
+            raise ValueError(
+                f"{owner}: `budget` ({self.budget}) must be at least sink_tokens + recent "
+                f"({self.sink_tokens} + {self.kept_recent} = {self.protected_tokens})"
+            )
+
+    @property
+    def kept_recent(self) -> int:
+        """The recent tokens always kept: ``recent``, or its default when unset."""
+        if self.recent is not None:
+            return self.recent
+        return 0 if self.policy == "streaming" else self.window
+
+    @property
+    def protected_tokens(self) -> int:
+        """Tokens no policy evicts (sinks + recent): the smallest possible budget."""
+        return self.sink_tokens + self.kept_recent
+
+
+# RoPE scaling types by shorthand name: (required fields, optional fields). The required fields are also the
+# positional values of the shorthand ("ntk:4" sets `factor`, "self_extend:512,16" sets `window` and `group`).
+ROPE_TYPES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "default": ((), ()),
+    "linear": (("factor",), ()),
+    "dynamic": (("factor",), ()),
+    "yarn": (("factor",), ("original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow")),
+    "longrope": (("short_factor", "long_factor"), ("factor", "original_max_position_embeddings", "attention_factor")),
+    "llama3": (("factor",), ("original_max_position_embeddings", "low_freq_factor", "high_freq_factor")),
+    "ntk": (("factor",), ()),
+    "abf": (("base",), ()),
+    "dynamic_yarn": (("factor",), ("original_max_position_embeddings", "beta_fast", "beta_slow")),
+    "giraffe_power": (("power",), ()),
+    "giraffe_truncate": (("factor",), ("original_max_position_embeddings",)),
+    "ntk_by_parts": (("factor",), ("original_max_position_embeddings", "beta_fast", "beta_slow")),
+    "self_extend": (("window", "group"), ()),
+    "dual_chunk": (("chunk_size", "local_size"), ()),
+}
+# Types carried out on the attention path (``longctx_rope_remap``): the rotary embedding stays as it is.
+ROPE_REMAP_TYPES = ("self_extend", "dual_chunk")
+
+
+def _check_number(owner: str, name: str, value: Any, above: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > above:
+        raise ValueError(f"{owner}: `{name}` must be a number > {above:g}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """A RoPE scaling or position scheme: which positions/frequencies a model uses past its trained length.
+
+    ``type`` picks the method (``"ntk:4"`` is ``RopeScaling(type="ntk", factor=4)``); each type takes only
+    the fields listed for it in ``ROPE_TYPES`` and leaves the others None. Lengths are in tokens.
+
+    Types (``L`` = ``original_max_position_embeddings``, the trained length; ``d`` = rotary dimension):
+        ``linear``, ``dynamic``, ``yarn``, ``longrope``, ``llama3``: transformers' own rope types.
+        ``ntk``: static NTK-aware scaling, base' = base * factor ** (d / (d - 2)).
+        ``abf``: adjusted base frequency, base' = ``base``.
+        ``dynamic_yarn``: YaRN with the factor recomputed from the current length l:
+            min(``factor``, max(1, l / L)).
+        ``giraffe_power``: Giraffe power scaling, theta_i' = theta_i * (1 - 2i / d) ** ``power``.
+        ``giraffe_truncate``: Giraffe truncated basis: theta_i is kept where its wavelength fits in L, set to
+            2 pi / (factor L) where it fits in factor * L, and to 0 beyond.
+        ``ntk_by_parts``: YaRN's per-frequency interpolation without its attention temperature.
+        ``self_extend``: Self-Extend: keys within ``window`` tokens of the query keep their positions, farther
+            keys use grouped positions (floor(p / ``group``)), shifted so both parts join at ``window``.
+        ``dual_chunk``: dual-chunk attention: positions restart every ``chunk_size - local_size`` tokens;
+            keys in the query's chunk (or within ``local_size`` tokens of it in the previous one) keep their
+            true distances, the query is placed at ``chunk_size - 1`` for all others.
+        ``default``: no scaling; only useful with ``fp32=True``.
+
+    Attributes:
+        factor: extension factor; > 1.
+        original_max_position_embeddings: trained length L; default: the model's ``max_position_embeddings``.
+        attention_factor: yarn/longrope attention temperature; > 0; default: the method's own.
+        beta_fast, beta_slow: YaRN ramp bounds (rotations over L); > 0, beta_fast > beta_slow; default 32, 1.
+        low_freq_factor, high_freq_factor: llama3 band edges; > 0, high > low; default 1, 4.
+        short_factor, long_factor: longrope per-frequency factors (d / 2 numbers each, > 0).
+        base: abf's new rope base; > 1.
+        power: giraffe_power's exponent k; > 0.
+        window, group: self_extend's neighbour window (>= 1) and group size (>= 1).
+        chunk_size, local_size: dual_chunk's largest position + 1 (>= 2, at most L for the scheme to stay in
+            the trained range) and local window (0 <= local_size < chunk_size).
+        fp32: rotate queries and keys in float32 even when the model runs in bf16/fp16 (the model's cos/sin
+            are otherwise rounded to the activation dtype). For the supported families.
+    """
+
+    type: str
+    factor: float | None = None
+    original_max_position_embeddings: int | None = None
+    attention_factor: float | None = None
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
+    base: float | None = None
+    power: float | None = None
+    window: int | None = None
+    group: int | None = None
+    chunk_size: int | None = None
+    local_size: int | None = None
+    fp32: bool = False
+
+    kind: ClassVar[str] = "rope"
+    name: ClassVar[str] = "rope scaling"
+    named_by: ClassVar[str] = "type"
+    shorthand_fields: ClassVar[dict[str, tuple[str, ...]]] = {name: spec[0] for name, spec in ROPE_TYPES.items()}
+
+    def __post_init__(self) -> None:
+        owner = f"RopeScaling(type={self.type!r})"
+        if self.type not in ROPE_TYPES:
+            raise ValueError(f"RopeScaling: unknown `type` {self.type!r}; accepted: {', '.join(ROPE_TYPES)}")
+        required, optional = ROPE_TYPES[self.type]
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name in required and value is None:
+                raise ValueError(f"{owner}: needs `{field.name}`")
+            if field.name not in (*required, *optional, "type", "fp32") and value is not None:
+                accepted = ", ".join((*required, *optional, "fp32"))
+                raise ValueError(f"{owner}: does not take `{field.name}`; accepted: {accepted}")
+        if not isinstance(self.fp32, bool):
+            raise ValueError(f"{owner}: `fp32` must be true or false, got {self.fp32!r}")
+        if self.type == "default" and not self.fp32:
+            raise ValueError(f"{owner}: changes nothing unless `fp32` is true")
+        for name, above in (("factor", 1), ("attention_factor", 0), ("beta_fast", 0), ("beta_slow", 0),
+                            ("low_freq_factor", 0), ("high_freq_factor", 0), ("base", 1), ("power", 0)):
+            if getattr(self, name) is not None:
+                _check_number(owner, name, getattr(self, name), above)
+        for name, minimum in (("original_max_position_embeddings", 1), ("window", 1), ("group", 1),
+                              ("chunk_size", 2), ("local_size", 0)):
+            if getattr(self, name) is not None:
+                _check_int(owner, name, getattr(self, name), minimum)
+        if (self.beta_fast or 32) <= (self.beta_slow or 1):
+            raise ValueError(f"{owner}: `beta_fast` must exceed `beta_slow` (defaults 32 and 1)")
+        if (self.high_freq_factor or 4) <= (self.low_freq_factor or 1):
+            raise ValueError(f"{owner}: `high_freq_factor` must exceed `low_freq_factor` (defaults 4 and 1)")
+        if self.local_size is not None and self.local_size >= self.chunk_size:
+            raise ValueError(f"{owner}: `local_size` ({self.local_size}) must be < `chunk_size` ({self.chunk_size})")
+        for name in ("short_factor", "long_factor"):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or not values:
+                raise ValueError(f"{owner}: `{name}` must be a non-empty list of numbers > 0, got {values!r}")
+            for value in values:
+                _check_number(owner, name, value, 0)
+            object.__setattr__(self, name, tuple(values))  # hashable, and equal after a JSON round trip
+        if self.short_factor is not None and len(self.short_factor) != len(self.long_factor):
+            raise ValueError(f"{owner}: `short_factor` and `long_factor` must have the same length")
+
+    @property
+    def on_attention_path(self) -> bool:
+        """True for the position schemes carried out by the ``longctx_rope_remap`` attention."""
+        return self.type in ROPE_REMAP_TYPES
+
+
 # Every implemented feature, by kind and shorthand name. A kind with no entry is planned, not built.
 FEATURES: dict[str, dict[str, type]] = {
     "attention": {SinkAttention.name: SinkAttention},
-    "rope": {},
-    "kv": {},
+    "rope": {name: RopeScaling for name in ROPE_TYPES},
+    "kv": {policy: KVEviction for policy in KV_POLICIES},
     "speculative": {},
 }
 
@@ -79,13 +323,18 @@ def _parse_value(text: str) -> Any:
     return text.strip()
 
 
-def _from_fields(kind: str, cls: type, fields: dict[str, Any]):
+def _from_fields(kind: str, name: str, cls: type, fields: dict[str, Any]):
     accepted = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(fields) - set(accepted))
     if unknown:
         raise ValueError(
-            f"{kind} {cls.name!r}: unknown parameter(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}"
+            f"{kind} {name!r}: unknown parameter(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}"
         )
+    named_by = getattr(cls, "named_by", None)  # a dataclass registered under several names
+    if named_by is not None:
+        if fields.get(named_by, name) != name:
+            raise ValueError(f"{kind} {name!r}: `{named_by}` {fields[named_by]!r} contradicts the name {name!r}")
+        fields = {**fields, named_by: name}
     return cls(**fields)
 
 
@@ -108,13 +357,15 @@ def parse_feature(kind: str, value: Any):
         return value
     if isinstance(value, dict):
         fields = dict(value)
-        cls = _lookup(kind, fields.pop("type", None))
-        return _from_fields(kind, cls, fields)
+        name = fields.pop("type", None)
+        return _from_fields(kind, name, _lookup(kind, name), fields)
     if isinstance(value, str):
         name, _, args = value.partition(":")
-        cls = _lookup(kind, name.strip())
+        name = name.strip()
+        cls = _lookup(kind, name)
         fields: dict[str, Any] = {}
-        positional = list(cls.shorthand_fields)
+        by_name = cls.shorthand_fields  # a tuple, or a dict {name: tuple} for a class serving several names
+        positional = list(by_name[name] if isinstance(by_name, dict) else by_name)
         for item in filter(None, (part.strip() for part in args.split(","))):
             if "=" in item:
                 field, _, text = item.partition("=")
@@ -124,13 +375,15 @@ def parse_feature(kind: str, value: Any):
                 fields[positional.pop(0)] = _parse_value(item)
             else:
                 raise ValueError(f"{kind} shorthand {value!r}: too many or misplaced positional values")
-        return _from_fields(kind, cls, fields)
+        return _from_fields(kind, name, cls, fields)
     raise ValueError(f"`{kind}` must be a feature dataclass, a dict or a shorthand string, got {type(value).__name__}")
 
 
 def feature_to_dict(feature) -> dict[str, Any]:
     """The config.json form of a feature: ``{"type": name, **fields}``."""
-    return {"type": feature.name, **dataclasses.asdict(feature)}
+    fields = dataclasses.asdict(feature)
+    named_by = getattr(feature, "named_by", None)
+    return {"type": fields.pop(named_by) if named_by else feature.name, **fields}
 
 
 @dataclass(frozen=True)
@@ -148,6 +401,11 @@ class LongCtxConfig:
     def __post_init__(self) -> None:
         for kind in FEATURE_KINDS:
             object.__setattr__(self, kind, parse_feature(kind, getattr(self, kind)))
+        if self.rope is not None and self.rope.on_attention_path and (self.attention or self.kv) is not None:
+            raise ValueError(
+                f"rope type {self.rope.type!r} runs on its own attention path (longctx_rope_remap) and cannot be "
+                "combined with attention= or kv= features"
+            )
 
     def is_empty(self) -> bool:
         return all(getattr(self, kind) is None for kind in FEATURE_KINDS)

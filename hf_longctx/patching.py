@@ -3,19 +3,24 @@ points, and undo exactly that.
 
 What ``patch`` changes, and ``unpatch`` restores:
 - the attention implementation of the model's configs (``set_attn_implementation``), for the
-  attention feature;
+  attention feature (``longctx_sink``) and the kv feature (``longctx_kv``, which also applies a
+  configured sink/window rule);
+- for the kv feature, ``_prepare_cache_for_generation`` bound on the model instance, so that
+  ``generate`` builds a ``LongCtxCache`` (``hf_longctx.cache.generate``);
 - ``model.config.longctx``: the config as a plain dict, so ``save_pretrained`` keeps it;
 - one private attribute on the model holding what to restore.
 """
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .attention import ATTENTION_NAME
+from .attention import ATTENTION_NAME, KV_ATTENTION_NAME
+from .cache.generate import prepare_cache_for_generation
 from .config import LongCtxConfig, SinkAttention
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
@@ -33,6 +38,8 @@ class _PatchState:
     # (config object, its `_attn_implementation_internal` before patching, or _MISSING)
     attn_implementations: list[tuple[Any, Any]] = field(default_factory=list)
     previous_longctx: Any = _MISSING
+    # the model instance's own `_prepare_cache_for_generation` before patching, or _MISSING
+    prepare_cache: Any = _MISSING
 
 
 def _model_configs(model: PreTrainedModel) -> list[Any]:
@@ -102,6 +109,10 @@ def patch(model: PreTrainedModel, config: LongCtxConfig | dict | None = None, **
     setattr(model, _STATE_ATTR, state)
     if isinstance(wanted.attention, SinkAttention):
         model.set_attn_implementation(ATTENTION_NAME)
+    if wanted.kv is not None:
+        model.set_attn_implementation(KV_ATTENTION_NAME)
+        state.prepare_cache = model.__dict__.get("_prepare_cache_for_generation", _MISSING)
+        model._prepare_cache_for_generation = types.MethodType(prepare_cache_for_generation, model)
     model.config.longctx = wanted.to_dict()
     return model
 
@@ -116,6 +127,11 @@ def unpatch(model: PreTrainedModel) -> PreTrainedModel:
             config.__dict__.pop("_attn_implementation_internal", None)
         else:
             config._attn_implementation_internal = value
+    if state.config.kv is not None:
+        if state.prepare_cache is _MISSING:
+            model.__dict__.pop("_prepare_cache_for_generation", None)
+        else:
+            model._prepare_cache_for_generation = state.prepare_cache
     if state.previous_longctx is _MISSING:
         model.config.__dict__.pop("longctx", None)
     else:

@@ -52,10 +52,10 @@ FAMILIES = {
 STOCK_ATTENTION = {name: "eager" if name == "gemma2" else "sdpa" for name in FAMILIES}
 
 
-def tiny_model(family: str, attn_implementation: str | None = None, seed: int = 0):
-    """A tiny random model of `family` in eval mode, float32, on the CPU."""
+def tiny_model(family: str, attn_implementation: str | None = None, seed: int = 0, **overrides):
+    """A tiny random model of `family` in eval mode, float32, on the CPU; `overrides` go to its config."""
     config_cls, model_cls, extra = FAMILIES[family]
-    config = config_cls(**COMMON, **extra)
+    config = config_cls(**{**COMMON, **extra, **overrides})
     torch.manual_seed(seed)
     model = model_cls._from_config(config, attn_implementation=attn_implementation or STOCK_ATTENTION[family])
     return model.eval()

@@ -1,0 +1,123 @@
+"""``longctx_kv``: dense attention over the slots a ``LongCtxCache`` layer stores, feeding it scores.
+
+With KV eviction the stored keys are no longer contiguous positions, and which slots hold padding is
+known only to the cache layer; eviction policies need the post-RoPE queries, which only the attention
+function sees. transformers passes neither the cache nor the layer to the attention function, so the
+two meet through an explicit hand-off:
+
+1. ``LongCtxLayer.update`` stores the new keys and calls :func:`announce` with itself and the key
+   tensor it returns;
+2. the model passes that tensor straight to the attention function, which calls :func:`claim` with
+   its ``key`` argument: it gets the layer back only if the tensor is the announced one (any other
+   cache, or none, gives None);
+3. the attention function calls ``layer.observe(query, key, attention_mask, scaling, softcap)``: the layer
+   records the padding of the new slots (the last ``Sq`` columns of the 2D mask), updates its policy's
+   scores and returns the (B, S_stored) validity of its slots, which replaces the mask.
+
+The announcement lives in a ``ContextVar``, so concurrent threads do not see each other's. Keys from
+other caches (or no cache) are attended with the 2D padding mask, as ``longctx_sink`` does.
+
+If the model's config carries a sink/window attention feature (``patch(model, attention="sink:...",
+kv=...)``), the sink rule is applied over the stored slots: sinks are the first stored real tokens and
+the window counts stored real tokens (which, after eviction, span more positions than the window).
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+from ..config import SinkAttention, parse_feature
+from .sink import packed_segments, sink_window_attention
+
+KV_ATTENTION_NAME = "longctx_kv"
+
+_announced: ContextVar[tuple[Any, torch.Tensor] | None] = ContextVar("longctx_kv_announced", default=None)
+
+
+def announce(layer: Any, keys: torch.Tensor) -> None:
+    """Record that ``keys`` (returned by ``layer.update``) is about to reach the attention function."""
+    _announced.set((layer, keys))
+
+
+def claim(key: torch.Tensor) -> Any:
+    """The layer that announced exactly this ``key`` tensor (and forget it), or None."""
+    announced = _announced.get()
+    if announced is None or announced[1] is not key:
+        return None
+    _announced.set(None)
+    return announced[0]
+
+
+def _sink_rule(module: torch.nn.Module, sliding_window: int | None) -> tuple[int, int | None]:
+    """(sink_tokens, window) for this layer: its own sliding window, the patched sink feature, or dense."""
+    if sliding_window is not None:
+        return 0, sliding_window
+    saved = (getattr(module.config, "longctx", None) or {}).get("attention")
+    feature = parse_feature("attention", saved) if saved else None
+    if isinstance(feature, SinkAttention):
+        return feature.sink_tokens, feature.window
+    return 0, None
+
+
+def kv_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention-registry entry point.
+
+    Args:
+        query: (B, H, Sq, D); key, value: (B, H_kv, S, D) as stored, the Sq new tokens last.
+        attention_mask: None or the (B, kv_length) bool padding mask from ``flash_attention_mask``.
+        sliding_window: the layer's own window (local layers of hybrid models): kept as is.
+    Returns:
+        ((B, Sq, H, D) contiguous, None).
+    """
+    if dropout:
+        raise ValueError(f"{KV_ATTENTION_NAME} does not implement attention dropout; got dropout={dropout}")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            f"{KV_ATTENTION_NAME} takes a 2D (batch, kv_length) padding mask, got attention_mask of shape "
+            f"{tuple(attention_mask.shape)}"
+        )
+    layer = claim(key)
+    kv_valid = attention_mask if layer is None else layer.observe(query, key, attention_mask, scaling, softcap)
+    batch, _, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    sink_tokens, window = _sink_rule(module, sliding_window)
+    segments = None
+    if layer is None and kv_valid is None:
+        segments = packed_segments(position_ids, batch, q_len, kv_len)
+    out = sink_window_attention(
+        query,
+        key,
+        value,
+        sink_tokens=sink_tokens,
+        window=None if window is None or window >= kv_len else window,
+        scale=scaling,
+        softcap=softcap,
+        s_aux=s_aux,
+        kv_valid=kv_valid,
+        segment_ids=segments,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register ``longctx_kv`` in both registries (idempotent)."""
+    AttentionInterface.register(KV_ATTENTION_NAME, kv_attention_forward)
+    AttentionMaskInterface.register(KV_ATTENTION_NAME, flash_attention_mask)

@@ -1,0 +1,76 @@
+"""``LongCtxCache``: a transformers ``Cache`` whose full-attention layers are ``LongCtxLayer``s.
+
+    cache = LongCtxCache(model, kv="snapkv:2048")        # or kv=None: no eviction
+    model.generate(**inputs, past_key_values=cache)
+
+The layer layout comes from transformers itself (``DynamicCache(config=...)``): every plain
+full-attention layer becomes a ``LongCtxLayer`` (preallocated, optionally evicting); sliding-window,
+chunked, linear-attention and other special layers keep transformers' own classes and behaviour.
+Eviction needs the model to run the ``longctx_kv`` attention function, which reports each forward's
+queries and padding to the layers (``hf_longctx.attention.kv``); ``lc.patch(model, kv=...)`` sets it.
+``KVEviction.prefill_chunk`` reaches generate through the patch (``hf_longctx.cache.generate``); on a
+model that is not patched, pass ``prefill_chunk_size=`` to ``generate`` yourself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from ..attention.kv import KV_ATTENTION_NAME
+from ..config import KVEviction, parse_feature
+from .layers import LongCtxLayer
+from .policies import make_policies
+
+
+class LongCtxCache(Cache):
+    """A preallocated KV cache with optional eviction, for any model transformers builds a
+    ``DynamicCache`` for.
+
+    Args:
+        model: the model (or its config) the cache serves.
+        kv: the eviction: a ``KVEviction``, its dict or shorthand (``"snapkv:2048"``), or None to keep
+            every token (then tokens are the same as with ``DynamicCache``).
+        capacity: fixed capacity in tokens of each full-attention layer, allocated at the first update;
+            None grows the buffers geometrically.
+        reserve: tokens to allocate at the first update of a layer that does not evict (generate
+            passes its maximum length, so the buffers are allocated once); None: the first update's.
+    Raises:
+        ValueError: eviction on a model whose attention implementation is not ``longctx_kv``.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel | PretrainedConfig,
+        kv: KVEviction | dict | str | None = None,
+        *,
+        capacity: int | None = None,
+        reserve: int | None = None,
+    ):
+        config = model.config if isinstance(model, PreTrainedModel) else model
+        text_config = config.get_text_config(decoder=True)
+        self.kv: KVEviction | None = parse_feature("kv", kv)
+        if self.kv is not None and text_config._attn_implementation != KV_ATTENTION_NAME:
+            raise ValueError(
+                f"LongCtxCache: kv eviction needs the model's attention implementation to be {KV_ATTENTION_NAME!r} "
+                f"(it reports queries and padding to the cache), got {text_config._attn_implementation!r}; "
+                f"use lc.patch(model, kv=...) or model.set_attn_implementation({KV_ATTENTION_NAME!r})"
+            )
+        stock = DynamicCache(config=text_config).layers
+        if not stock:
+            raise ValueError(
+                f"LongCtxCache: cannot tell the layer types of model_type {text_config.model_type!r} from its config"
+            )
+        full = [index for index, layer in enumerate(stock) if type(layer) is DynamicLayer]
+        policies = make_policies(self.kv, len(full)) if self.kv is not None else [None] * len(full)
+        layers: list[Any] = list(stock)
+        for index, policy in zip(full, policies):
+            layers[index] = LongCtxLayer(policy, capacity=capacity, reserve=reserve, layer_idx=index)
+        super().__init__(layers=layers)
+
+    @property
+    def stored_lengths(self) -> list[int]:
+        """Tokens stored by each full-attention layer (the logical length is ``get_seq_length()``)."""
+        return [layer.stored_length for layer in self.layers if isinstance(layer, LongCtxLayer)]

@@ -1,0 +1,339 @@
+"""``LongCtxLayer``: one full-attention layer's KV cache, in preallocated buffers, with eviction.
+
+Storage (B batch, H_kv key/value heads, C capacity in tokens, D head size):
+- ``keys`` (B, H_kv, C, D_k) and ``values`` (B, H_kv, C, D_v) buffers; the first ``stored_length``
+  slots hold tokens. New tokens are written in place (no per-step ``torch.cat``); the buffers grow
+  geometrically (x2) or have a fixed capacity, and shrink after an eviction frees most of them.
+- ``valid`` (B, C) bool: which slots hold real tokens rather than padding.
+- ``scores`` (B, H_kv, C) float32: the eviction policy's importance of each slot.
+- ``key_channels`` (B, H_kv, D_k) int64 or None: with ThinK, the key channels stored (D_k is then
+  smaller than the model's head size); the keys handed to attention have zeros elsewhere.
+
+Lengths: ``get_seq_length()`` is the number of tokens SEEN (logical, what generate's slicing and
+crop arithmetic rely on); ``stored_length`` is what the buffers hold. They differ once tokens are
+evicted, as in ``DynamicSlidingWindowLayer``.
+
+Slot order: within a row, real tokens are stored in the order they came; after an eviction a row is
+``[its kept padding..., its kept real tokens]``, and it keeps padding only when it has fewer real
+tokens than the budget, so the number of stored slots is the same for every row and a pad never takes
+the place of a real token. New tokens are appended after the kept ones, so a chunk of queries is
+causal over the stored order. With left padding, the stored validity then equals the last
+``stored_length`` columns of generate's 2D mask.
+
+When eviction happens: at the start of ``update`` (before the new tokens are written), using the
+scores the attention function reported for the previous forward, once ``stored_length`` reaches
+``budget + every``. ``get_mask_sizes`` announces the length after that eviction. After
+``activate_past_recording()`` (speculative decoding) eviction is deferred to ``crop``, so rejected
+tokens can be removed first.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from ..attention.kv import KV_ATTENTION_NAME, announce
+from .policies import EvictionPolicy
+
+_BLOCK = 128  # capacities are multiples of this many tokens
+
+
+def _round_up(tokens: int) -> int:
+    return -(-tokens // _BLOCK) * _BLOCK
+
+
+class LongCtxLayer(CacheLayerMixin):
+    """A full-attention cache layer over preallocated buffers, with an optional eviction policy.
+
+    Args:
+        policy: the eviction policy of this layer, or None to keep every token.
+        capacity: fixed capacity in tokens (preallocated at the first update; exceeding it raises),
+            or None to grow geometrically.
+        reserve: tokens to allocate at the first update when ``capacity`` is None (e.g. generate's
+            prompt + new tokens), so a run without eviction allocates once; None: the first update's.
+        layer_idx: the model layer this cache layer serves (for messages).
+    """
+
+    is_sliding = False
+    is_croppable = True
+    is_compileable = False
+
+    def __init__(
+        self,
+        policy: EvictionPolicy | None = None,
+        capacity: int | None = None,
+        reserve: int | None = None,
+        layer_idx: int | None = None,
+    ):
+        super().__init__()
+        self.policy = policy
+        self.fixed_capacity = capacity
+        self.reserve = reserve
+        self.layer_idx = layer_idx
+        self.valid: torch.Tensor | None = None
+        self.scores: torch.Tensor | None = None
+        self.key_channels: torch.Tensor | None = None
+        self._chosen_channels: torch.Tensor | None = None  # ThinK's choice, applied at the next update
+        self.stored_length = 0
+        self.cumulative_length = 0  # tokens seen
+        self.prompt_length = 0  # tokens seen by the end of the latest prefill (for ratio budgets)
+        self.record_past = False
+        self._since_eviction = 0  # the last tokens stored in order: what `crop` can remove
+        self._awaiting_report = False
+
+    # ----------------------------------------------------------------------------------- sizes
+    @property
+    def capacity(self) -> int:
+        """Tokens the buffers can hold."""
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def get_seq_length(self) -> int:
+        """Tokens seen (logical length), not the number stored."""
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        """No maximum: eviction or growth make room for any number of tokens."""
+        return -1
+
+    def eviction_target(self, at_crop: bool = False) -> int | None:
+        """The stored length the next eviction reduces to, if one is due now, else None.
+
+        Args:
+            at_crop: True when asked from ``crop``: a deferred eviction may run even while recording.
+        """
+        if self.policy is None or (self.record_past and not at_crop):
+            return None
+        budget = self.policy.budget(self.prompt_length)
+        if budget is None or self.stored_length < budget + self.policy.feature.every:
+            return None
+        return budget
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(kv_length, kv_offset) of the next forward: stored after any due eviction, plus the queries.
+
+        The offset is the number of tokens seen but no longer stored, so a stock mask built over
+        ``kv_offset .. kv_offset + kv_length`` reads the last ``kv_length`` columns of the 2D mask.
+        """
+        target = self.eviction_target()
+        kept = self.stored_length if target is None else target
+        return kept + query_length, self.cumulative_length - kept
+
+    # ----------------------------------------------------------------------------------- storage
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.head_dim = key_states.shape[-1]
+        self._shape = (key_states.shape[0], key_states.shape[1], key_states.shape[-1], value_states.shape[-1])
+        self._allocate(self.fixed_capacity or 0)
+        self.is_initialized = True
+
+    def _allocate(self, capacity: int) -> None:
+        """(Re)allocate the buffers to ``capacity`` tokens, keeping the stored slots."""
+        batch, kv_heads, key_dim, value_dim = self._shape
+        stored = self.stored_length
+        keys = torch.empty(batch, kv_heads, capacity, key_dim, dtype=self.dtype, device=self.device)
+        values = torch.empty(batch, kv_heads, capacity, value_dim, dtype=self.dtype, device=self.device)
+        valid = torch.ones(batch, capacity, dtype=torch.bool, device=self.device)
+        scores = torch.zeros(batch, kv_heads, capacity, dtype=torch.float32, device=self.device)
+        if stored:
+            keys[:, :, :stored] = self.keys[:, :, :stored]
+            values[:, :, :stored] = self.values[:, :, :stored]
+            valid[:, :stored] = self.valid[:, :stored]
+            scores[:, :, :stored] = self.scores[:, :, :stored]
+        self.keys, self.values, self.valid, self.scores = keys, values, valid, scores
+
+    def _make_room(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        if self.fixed_capacity is not None:
+            raise ValueError(
+                f"LongCtxCache: `capacity` ({self.fixed_capacity} tokens) is too small for the {needed} tokens "
+                f"layer {self.layer_idx} must store; raise it, evict (kv=...), or chunk the prefill "
+                "(KVEviction.prefill_chunk)"
+            )
+        first = self.capacity == 0 and self.reserve is not None and self.policy is None
+        self._allocate(_round_up(max(needed, self.reserve if first else 2 * self.capacity)))
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evict if due, write the new tokens in place, return the stored keys and values.
+
+        Args:
+            key_states: (B, H_kv, Sq, D_k) post-RoPE keys of the new tokens; value_states likewise.
+        Returns:
+            (keys, values): (B, H_kv, stored_length, D) views of the buffers, the new tokens last.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self._awaiting_report:
+            raise RuntimeError(
+                f"LongCtxCache: layer {self.layer_idx} evicts tokens, but no attention function reported the "
+                "previous forward's queries and padding mask to it. The model must run "
+                f"attn_implementation={KV_ATTENTION_NAME!r}: use lc.patch(model, kv=...) or "
+                f"model.set_attn_implementation({KV_ATTENTION_NAME!r})."
+            )
+        if self._chosen_channels is not None:
+            self._prune_channels()
+        new = key_states.shape[-2]
+        target = self.eviction_target()
+        if target is not None:
+            self._evict(target, incoming=new)
+        start, stop = self.stored_length, self.stored_length + new
+        self._make_room(stop)
+        if self.key_channels is not None:
+            key_states = key_states.gather(-1, self.key_channels[:, :, None].expand(-1, -1, new, -1))
+        self.keys[:, :, start:stop] = key_states
+        self.values[:, :, start:stop] = value_states
+        self.valid[:, start:stop] = True  # the attention function's report marks padding
+        self.scores[:, :, start:stop] = 0
+        self.stored_length = stop
+        self.cumulative_length += new
+        self._since_eviction += new
+        if new > 1 and not self.record_past:
+            self.prompt_length = self.cumulative_length
+        keys, values = self._attended_keys(stop), self.values[:, :, :stop]
+        if self.policy is not None:
+            announce(self, keys)
+            self._awaiting_report = True
+        return keys, values
+
+    def _attended_keys(self, stored: int) -> torch.Tensor:
+        """(B, H_kv, stored, D) keys for attention: the buffer's view, or with ThinK the stored
+        channels in place and zeros in the pruned ones (so q.k sums over the stored channels)."""
+        if self.key_channels is None:
+            return self.keys[:, :, :stored]
+        full = self.keys.new_zeros(*self.keys.shape[:2], stored, self.head_dim)
+        index = self.key_channels[:, :, None].expand(-1, -1, stored, -1)
+        return full.scatter_(-1, index, self.keys[:, :, :stored])
+
+    def _prune_channels(self) -> None:
+        """Store only ThinK's chosen key channels from now on (the buffers' key size shrinks)."""
+        channels, self._chosen_channels = self._chosen_channels, None
+        stored = self.stored_length
+        kept = self.keys[:, :, :stored].gather(-1, channels[:, :, None].expand(-1, -1, stored, -1))
+        self.key_channels = channels
+        self._shape = (*self._shape[:2], channels.shape[-1], self._shape[3])
+        batch, kv_heads, key_dim, _ = self._shape
+        self.keys = torch.empty(batch, kv_heads, self.capacity, key_dim, dtype=self.dtype, device=self.device)
+        self.keys[:, :, :stored] = kept
+
+    def observe(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scale: float | None,
+        softcap: float | None,
+    ) -> torch.Tensor:
+        """The attention function's report on the forward that just stored the latest tokens.
+
+        Args:
+            query: (B, H, Sq, D) post-RoPE queries of the Sq newest tokens.
+            key: (B, H_kv, stored_length, D) the keys this layer returned for the forward.
+            attention_mask: None (no padding among them) or a 2D (B, >= Sq) bool mask whose last Sq
+                columns are the new tokens.
+            scale, softcap: the model's attention scale and logit soft-cap.
+        Returns:
+            (B, stored_length) bool: which stored slots hold real tokens (the attention's key mask).
+        """
+        self._awaiting_report = False
+        stored, new = self.stored_length, query.shape[2]
+        if attention_mask is not None:
+            self.valid[:, stored - new : stored] = attention_mask[:, -new:]
+        valid = self.valid[:, :stored]
+        if self.policy.uses_attention:
+            self.policy.observe(self.scores[:, :, :stored], query, key, valid, scale, softcap)
+        if self.key_channels is None and self._chosen_channels is None and new > 1 and not self.record_past:
+            self._chosen_channels = self.policy.choose_channels(query, key, valid)
+        return valid
+
+    def _evict(self, target: int, incoming: int = 0) -> None:
+        """Keep ``target`` slots per row and head, as the policy selects, compacted to the front.
+
+        The buffers shrink when they are more than twice what the kept slots, the ``incoming``
+        tokens of this update and ``every`` further ones need (then the evicted memory is freed).
+        """
+        stored = self.stored_length
+        valid = self.valid[:, :stored]
+        keep = self.policy.select(self.scores[:, :, :stored], valid, target)  # (B, H_kv, target)
+        real = valid[:, None].expand(-1, keep.shape[1], -1).gather(-1, keep)
+        keep = keep.gather(-1, (keep + real.long() * stored).argsort(dim=-1))  # padding first, then in order
+        kept_real = valid.sum(-1).clamp(max=target)
+        keys = self.keys[:, :, :stored].gather(2, keep[..., None].expand(-1, -1, -1, self.keys.shape[-1]))
+        values = self.values[:, :, :stored].gather(2, keep[..., None].expand(-1, -1, -1, self.values.shape[-1]))
+        scores = self.scores[:, :, :stored].gather(2, keep)
+        self.stored_length = 0
+        room = _round_up(target + max(self.policy.feature.every, incoming))
+        if self.fixed_capacity is None and self.capacity > 2 * room:
+            self._allocate(room)  # really free the memory of the evicted tokens
+        self.keys[:, :, :target] = keys
+        self.values[:, :, :target] = values
+        self.scores[:, :, :target] = scores
+        self.valid[:, :target] = torch.arange(target, device=self.device) >= (target - kept_real)[:, None]
+        self.stored_length = target
+        self._since_eviction = 0
+
+    # ----------------------------------------------------------------------------- rollback
+    def activate_past_recording(self) -> None:
+        """Defer eviction to ``crop`` so that the tokens of the next forwards can be rolled back."""
+        self.record_past = True
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the ``-tokens_to_remove`` latest tokens, then run an eviction that was deferred.
+
+        Only tokens stored since the last eviction can be removed (call ``activate_past_recording``
+        before the forwards to roll back). ``crop(0)`` only runs the deferred eviction.
+        """
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"crop({tokens_to_remove}): pass a negative number of tokens to remove; positive sizes are "
+                "not supported"
+            )
+        if not self.is_initialized:
+            return
+        remove = -tokens_to_remove
+        if remove > self._since_eviction:
+            raise ValueError(
+                f"LongCtxCache: cannot crop {remove} tokens from layer {self.layer_idx}: only the last "
+                f"{self._since_eviction} are still stored in order; call activate_past_recording() before "
+                "the forward passes that may be rolled back"
+            )
+        self.stored_length -= remove
+        self.cumulative_length -= remove
+        self._since_eviction -= remove
+        self.prompt_length = min(self.prompt_length, self.cumulative_length)
+        target = self.eviction_target(at_crop=True)
+        if target is not None:
+            self._evict(target)
+
+    # ------------------------------------------------------------------------- batch changes
+    def _map_batch(self, fn) -> None:
+        """Apply ``fn`` (tensor -> tensor along dim 0) to the buffers and the per-slot metadata."""
+        if self.is_initialized:
+            self.keys, self.values, self.valid, self.scores = map(fn, (self.keys, self.values, self.valid, self.scores))
+            self._shape = (self.keys.shape[0], *self._shape[1:])
+            if self.key_channels is not None:
+                self.key_channels = fn(self.key_channels)
+            if self._chosen_channels is not None:
+                self._chosen_channels = fn(self._chosen_channels)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: row i becomes row ``beam_idx[i]``."""
+        self._map_batch(lambda tensor: tensor.index_select(0, beam_idx.to(tensor.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda tensor: tensor.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda tensor: tensor[indices])
+
+    def reset(self) -> None:
+        """Forget every token; the buffers are kept for the next sequence (reallocated with ThinK,
+        whose channel choice belongs to the sequence)."""
+        self.stored_length = self.cumulative_length = self.prompt_length = self._since_eviction = 0
+        self._awaiting_report = False
+        self.record_past = False
+        if self.key_channels is not None or self._chosen_channels is not None:
+            self.keys = self.values = self.valid = self.scores = None
+            self.key_channels = self._chosen_channels = None
+            self.is_initialized = False
