@@ -8,6 +8,7 @@ from test_patch import FAMILY_NAMES
 from tiny_models import random_ids, tiny_model
 
 import hf_longctx as lc
+from hf_longctx.attention import sink as sink_module
 
 pytestmark = pytest.mark.cuda
 KERNEL_SHAPE = {"hidden_size": 128, "head_dim": 32}  # the Triton kernel takes head_dim 32 and up
@@ -21,13 +22,25 @@ def cuda_model(family, dtype):
     return cpu_model(family, dtype).cuda()
 
 
+def test_float32_on_cuda_falls_back_to_the_reference_with_a_warning(monkeypatch):
+    monkeypatch.setattr(sink_module, "_warned_fallbacks", set())  # the warning is once per reason
+    model = lc.patch(cuda_model("llama", torch.float32), attention="sink:16")
+    ids = random_ids(1, 40)
+    with pytest.warns(UserWarning, match="float32"):
+        got = model(ids.cuda()).logits.cpu()
+    expected = lc.patch(cpu_model("llama"), attention="sink:16")(ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_window_covering_the_sequence_gives_stock_greedy_tokens(family):
-    model = cuda_model(family, torch.float32)
+    model = cuda_model(family, torch.bfloat16)
+    with torch.no_grad():  # peaked logits: bf16 rounding differences cannot flip the greedy choice
+        model.get_output_embeddings().weight.mul_(8)
     ids = random_ids(2, 48).cuda()
     expected = model.generate(ids, max_new_tokens=16, do_sample=False)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no silent fallback to the reference on CUDA
+        warnings.simplefilter("error")  # the Triton path, not the reference fallback
         lc.patch(model, attention="sink:4096")
         tokens = model.generate(ids, max_new_tokens=16, do_sample=False)
     assert torch.equal(tokens, expected)
@@ -43,3 +56,19 @@ def test_small_window_error_within_twice_the_reference_error(family, dtype):
         reference = lc.patch(cpu_model(family, dtype), attention="sink:32,4")(ids).logits.float()
         triton = lc.patch(cuda_model(family, dtype), attention="sink:32,4")(ids.cuda()).logits.float().cpu()
     assert (triton - truth).norm() <= 2 * (reference - truth).norm()
+
+
+@pytest.mark.parametrize("kv", [None, "streaming:24,2", "snapkv:budget=40,sink_tokens=2,window=8"])
+def test_long_ctx_cache_on_cuda_gives_the_cpu_tokens(kv):
+    """LongCtxCache (with eviction: longctx_kv through the Triton kernel) on the GPU, against the CPU."""
+    ids = random_ids(2, 64)
+    runs = []
+    for device in ("cpu", "cuda"):
+        model = cpu_model("qwen2", torch.bfloat16).to(device)
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(8)
+        if kv is not None:
+            lc.patch(model, kv=kv)
+        cache = lc.LongCtxCache(model, kv=kv)
+        runs.append(model.generate(ids.to(device), past_key_values=cache, max_new_tokens=16, do_sample=False).cpu())
+    assert torch.equal(runs[0], runs[1])

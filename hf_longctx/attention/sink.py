@@ -21,7 +21,7 @@ from ..config import SinkAttention, parse_feature
 from ..kernels import reference
 
 ATTENTION_NAME = "longctx_sink"
-_warned_fallback = False
+_warned_fallbacks: set[str] = set()
 
 
 def sink_parameters(config) -> SinkAttention:
@@ -51,19 +51,22 @@ def packed_segments(
 def sink_window_attention(query, key, value, **kwargs) -> torch.Tensor:
     """Dispatch: CUDA tensors to the Triton kernel, others to the PyTorch reference.
 
-    Shapes and keywords as ``kernels.reference.sink_window_attention``; returns (B, H, Sq, D).
+    Shapes and keywords as ``kernels.reference.sink_window_attention``; returns (B, H, Sq, D). CUDA
+    inputs the kernel cannot take (float32, an unsupported head_dim, ...) run on the reference, with
+    a warning once per reason.
     """
-    global _warned_fallback
     if query.is_cuda:
         try:
             from ..kernels import sink_window
         except ImportError as exc:  # triton missing or broken on this machine
             reason = f"the Triton kernel cannot be imported ({exc})"
         else:
-            return sink_window.sink_window_attention_triton(query, key, value, **kwargs)
-        if not _warned_fallback:
+            reason = sink_window.unsupported_reason(query, key, value, **kwargs)
+            if reason is None:
+                return sink_window.sink_window_attention_triton(query, key, value, **kwargs)
+        if reason not in _warned_fallbacks:
+            _warned_fallbacks.add(reason)
             warnings.warn(f"longctx_sink: {reason}; using the slow PyTorch reference on CUDA", stacklevel=3)
-            _warned_fallback = True
     return reference.sink_window_attention(query, key, value, **kwargs)
 
 
