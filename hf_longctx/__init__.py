@@ -6,22 +6,26 @@
     lc.unpatch(model)
 
 Importing the package registers the ``longctx_*`` attention implementations, so
-``AutoModelForCausalLM.from_pretrained(path, attn_implementation="longctx_sink")`` works too.
+``AutoModelForCausalLM.from_pretrained(path, attn_implementation="longctx_sink")`` works too, and the
+``longctx_*`` rope types, so a checkpoint saved with one loads with a plain ``from_pretrained``.
 """
 
 from .attention import register as _register_attention
 from .cache import LongCtxCache
-from .config import KVEviction, LongCtxConfig, SinkAttention
+from .config import KVEviction, LongCtxConfig, RopeScaling, SinkAttention
 from .patching import UnsupportedModelError, from_pretrained, patch, patched_config, unpatch
+from .rope import register as _register_rope
 
 __version__ = "0.1.0"
 
 _register_attention()
+_register_rope()
 
 __all__ = [
     "KVEviction",
     "LongCtxCache",
     "LongCtxConfig",
+    "RopeScaling",
     "SinkAttention",
     "UnsupportedModelError",
     "__version__",

@@ -26,6 +26,9 @@ def _check_int(owner: str, name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{owner}: `{name}` must be an integer >= {minimum}, got {value!r}")
 
 
+SINK_POSITIONS = ("original", "cache")
+
+
 @dataclass(frozen=True)
 class SinkAttention:
     """Causal attention over the first ``sink_tokens`` tokens plus the most recent ``window`` tokens.
@@ -34,6 +37,16 @@ class SinkAttention:
         sink_tokens: initial tokens every query attends to ("attention sinks"); >= 0.
         window: recent tokens a query attends to, itself included; >= 1. A window at least as
             long as the sequence is exact (dense) causal attention.
+        positions: the RoPE distance at which a query at position i sees a sink t that lies beyond its
+            window (i - t >= window); keys inside the window always keep their true distances.
+            ``"original"``: the true distance i - t, or min(i - t, ``distance_limit``) with a limit
+            (LM-Infinite's Lambda-shaped mask). ``"cache"``: positions counted inside a cache of the
+            sinks and the window (StreamingLLM): sinks at 0 .. sink_tokens - 1 and the window right after
+            them, i.e. distance min(i, sink_tokens + window - 1) - t, so no distance reaches
+            sink_tokens + window.
+        distance_limit: ``positions="original"`` only: the largest distance a sink is seen at, in tokens;
+            None for no limit, else >= ``window`` (every distance then stays within the limit, as in
+            LM-Infinite, where it is the trained length and equals the window).
 
     Layers that already have a sliding window of their own (Gemma 2's local layers, Mistral with
     ``sliding_window`` set) keep it unchanged; the feature applies to full-attention layers.
@@ -41,14 +54,35 @@ class SinkAttention:
 
     sink_tokens: int = 4
     window: int = 4096
+    positions: str = "original"
+    distance_limit: int | None = None
 
     kind: ClassVar[str] = "attention"
     name: ClassVar[str] = "sink"
     shorthand_fields: ClassVar[tuple[str, ...]] = ("window", "sink_tokens")
+    # Left out of the config.json form while at their defaults, so configs saved before they existed are unchanged.
+    omitted_at_default: ClassVar[tuple[str, ...]] = ("positions", "distance_limit")
 
     def __post_init__(self) -> None:
-        _check_int("SinkAttention", "sink_tokens", self.sink_tokens, 0)
-        _check_int("SinkAttention", "window", self.window, 1)
+        owner = "SinkAttention"
+        _check_int(owner, "sink_tokens", self.sink_tokens, 0)
+        _check_int(owner, "window", self.window, 1)
+        if self.positions not in SINK_POSITIONS:
+            raise ValueError(f"{owner}: unknown `positions` {self.positions!r}; accepted: {', '.join(SINK_POSITIONS)}")
+        if self.distance_limit is None:
+            return
+        if self.positions != "original":
+            raise ValueError(
+                f"{owner}: `distance_limit` applies to positions='original' only; positions={self.positions!r} "
+                "already keeps every distance below sink_tokens + window"
+            )
+        if isinstance(self.distance_limit, bool) or not isinstance(self.distance_limit, int) or (
+            self.distance_limit < self.window
+        ):
+            raise ValueError(
+                f"{owner}: `distance_limit` must be None or an integer >= window ({self.window}), so that every "
+                f"distance stays within it, got {self.distance_limit!r}"
+            )
 
 
 KV_POLICIES = ("streaming", "snapkv", "h2o", "tova", "pyramidkv", "kvcrush", "think")
@@ -80,7 +114,8 @@ class KVEviction:
         budget: tokens each layer keeps after an eviction (per sequence and key/value head); >= 1.
         ratio: the budget as a fraction in (0, 1] of the tokens seen by the end of the latest prefill
             (padding included, so every row of a batch has the same budget). Exactly one of ``budget``
-            and ``ratio`` (``think`` may have neither: then it evicts no tokens).
+            and ``ratio`` (``think`` may have neither: then it evicts no tokens; ``streaming`` may have
+            neither beside a sink attention, which then sets them: see :func:`kv_for_attention`).
         sink_tokens: first real tokens always kept; >= 0.
         recent: last real tokens always kept; >= 0. Default: ``window`` (0 for ``streaming``, which
             prefers recent tokens anyway).
@@ -122,7 +157,7 @@ class KVEviction:
             raise ValueError(f"{owner}: unknown `base` {self.base!r}; accepted: {', '.join(KV_BASE_POLICIES)}")
         if self.budget is not None and self.ratio is not None:
             raise ValueError(f"{owner}: give `budget` (tokens) or `ratio` (a fraction), not both")
-        if self.budget is None and self.ratio is None and self.policy != "think":
+        if self.budget is None and self.ratio is None and self.policy not in ("think", "streaming"):
             raise ValueError(f"{owner}: policy {self.policy!r} needs `budget` (tokens) or `ratio` (a fraction)")
         if self.budget is not None:
             _check_int(owner, "budget", self.budget, 1)
@@ -155,6 +190,45 @@ class KVEviction:
     def protected_tokens(self) -> int:
         """Tokens no policy evicts (sinks + recent): the smallest possible budget."""
         return self.sink_tokens + self.kept_recent
+
+
+def kv_for_attention(kv: KVEviction, attention: Any) -> KVEviction:
+    """``kv`` checked against the attention feature it runs beside, with its budget filled in where that sets it.
+
+    - ``streaming`` with neither ``budget`` nor ``ratio`` mirrors a ``SinkAttention``: sink_tokens = the larger
+      of the two features', budget = sink_tokens + window - 1, so the cache keeps the sinks and the window's
+      window - 1 latest tokens (with the new token, exactly the keys a query sees). Without a SinkAttention it
+      is a ValueError.
+    - A SinkAttention that moves its sinks (``positions="cache"``, ``distance_limit``) needs them kept at their
+      positions: ``sink_tokens`` >= the attention's. ``positions="cache"`` also needs the whole window kept, so
+      that its distances stay true: policy ``streaming`` with ``budget`` >= sink_tokens + window - 1.
+    """
+    sink = attention if isinstance(attention, SinkAttention) else None
+    if kv.policy == "streaming" and kv.budget is None and kv.ratio is None:
+        if sink is None:
+            raise ValueError(
+                "KVEviction: policy 'streaming' needs `budget` (tokens) or `ratio` (a fraction), or a sink attention "
+                "to take them from (attention='sink:WINDOW,SINK_TOKENS')"
+            )
+        sink_tokens = max(kv.sink_tokens, sink.sink_tokens)
+        kv = dataclasses.replace(kv, sink_tokens=sink_tokens, budget=max(1, sink_tokens + sink.window - 1))
+    if sink is None or not (sink.positions == "cache" or sink.distance_limit is not None) or not sink.sink_tokens:
+        return kv
+    owner = f"KVEviction(policy={kv.policy!r}) beside SinkAttention(positions={sink.positions!r})"
+    if kv.sink_tokens < sink.sink_tokens:
+        raise ValueError(
+            f"{owner}: `sink_tokens` ({kv.sink_tokens}) must be at least the attention's ({sink.sink_tokens}), so "
+            "the cache keeps the sinks it moves"
+        )
+    if sink.positions == "cache":
+        needed = kv.sink_tokens + sink.window - 1
+        if kv.policy != "streaming" or kv.budget is None or kv.budget < needed:
+            raise ValueError(
+                f"{owner}: positions='cache' needs the whole window kept: policy 'streaming' with `budget` >= "
+                f"sink_tokens + window - 1 = {needed} (or no budget, to take it from the attention); got "
+                f"budget={kv.budget}, ratio={kv.ratio}"
+            )
+    return kv
 
 
 # RoPE scaling types by shorthand name: (required fields, optional fields). The required fields are also the
@@ -380,8 +454,12 @@ def parse_feature(kind: str, value: Any):
 
 
 def feature_to_dict(feature) -> dict[str, Any]:
-    """The config.json form of a feature: ``{"type": name, **fields}``."""
+    """The config.json form of a feature: ``{"type": name, **fields}`` (less its ``omitted_at_default`` fields
+    that hold their defaults)."""
     fields = dataclasses.asdict(feature)
+    for field in dataclasses.fields(feature):
+        if field.name in getattr(feature, "omitted_at_default", ()) and fields[field.name] == field.default:
+            del fields[field.name]
     named_by = getattr(feature, "named_by", None)
     return {"type": fields.pop(named_by) if named_by else feature.name, **fields}
 
@@ -401,6 +479,8 @@ class LongCtxConfig:
     def __post_init__(self) -> None:
         for kind in FEATURE_KINDS:
             object.__setattr__(self, kind, parse_feature(kind, getattr(self, kind)))
+        if self.kv is not None:
+            object.__setattr__(self, "kv", kv_for_attention(self.kv, self.attention))
         if self.rope is not None and self.rope.on_attention_path and (self.attention or self.kv) is not None:
             raise ValueError(
                 f"rope type {self.rope.type!r} runs on its own attention path (longctx_rope_remap) and cannot be "

@@ -7,6 +7,9 @@ What ``patch`` changes, and ``unpatch`` restores:
   configured sink/window rule);
 - for the kv feature, ``_prepare_cache_for_generation`` bound on the model instance, so that
   ``generate`` builds a ``LongCtxCache`` (``hf_longctx.cache.generate``);
+- for the rope feature, the rotary embeddings (``inv_freq``, ``original_inv_freq``, attention scaling) and
+  the configs' ``rope_parameters`` (``hf_longctx.rope.apply``); Self-Extend and dual-chunk instead set the
+  ``longctx_rope_remap`` attention implementation;
 - ``model.config.longctx``: the config as a plain dict, so ``save_pretrained`` keeps it;
 - one private attribute on the model holding what to restore.
 """
@@ -19,9 +22,10 @@ from typing import Any
 
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .attention import ATTENTION_NAME, KV_ATTENTION_NAME
+from .attention import ATTENTION_NAME, KV_ATTENTION_NAME, REMAP_ATTENTION_NAME
 from .cache.generate import prepare_cache_for_generation
 from .config import LongCtxConfig, SinkAttention
+from .rope.apply import RopeState, apply_rope_scaling, restore_rope_scaling
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 _STATE_ATTR = "_longctx_patch_state"
@@ -38,6 +42,7 @@ class _PatchState:
     # (config object, its `_attn_implementation_internal` before patching, or _MISSING)
     attn_implementations: list[tuple[Any, Any]] = field(default_factory=list)
     previous_longctx: Any = _MISSING
+    rope: RopeState | None = None  # what the rope feature changed
     # the model instance's own `_prepare_cache_for_generation` before patching, or _MISSING
     prepare_cache: Any = _MISSING
 
@@ -106,9 +111,13 @@ def patch(model: PreTrainedModel, config: LongCtxConfig | dict | None = None, **
     state.attn_implementations = [
         (c, c.__dict__.get("_attn_implementation_internal", _MISSING)) for c in _model_configs(model)
     ]
+    if wanted.rope is not None:
+        state.rope = apply_rope_scaling(model, wanted.rope)  # on failure it has restored what it changed
     setattr(model, _STATE_ATTR, state)
     if isinstance(wanted.attention, SinkAttention):
         model.set_attn_implementation(ATTENTION_NAME)
+    if wanted.rope is not None and wanted.rope.on_attention_path:
+        model.set_attn_implementation(REMAP_ATTENTION_NAME)
     if wanted.kv is not None:
         model.set_attn_implementation(KV_ATTENTION_NAME)
         state.prepare_cache = model.__dict__.get("_prepare_cache_for_generation", _MISSING)
@@ -132,6 +141,8 @@ def unpatch(model: PreTrainedModel) -> PreTrainedModel:
             model.__dict__.pop("_prepare_cache_for_generation", None)
         else:
             model._prepare_cache_for_generation = state.prepare_cache
+    if state.rope is not None:
+        restore_rope_scaling(state.rope)
     if state.previous_longctx is _MISSING:
         model.config.__dict__.pop("longctx", None)
     else:

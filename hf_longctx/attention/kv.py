@@ -19,7 +19,9 @@ other caches (or no cache) are attended with the 2D padding mask, as ``longctx_s
 
 If the model's config carries a sink/window attention feature (``patch(model, attention="sink:...",
 kv=...)``), the sink rule is applied over the stored slots: sinks are the first stored real tokens and
-the window counts stored real tokens (which, after eviction, span more positions than the window).
+the window counts stored real tokens (which, after eviction, span more positions than the window). Its
+positions rule (``longctx_sink``'s ``sink_attention``) learns the queries' true positions from the tokens
+each row evicted (``LongCtxLayer.position_offset``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 from ..config import SinkAttention, parse_feature
-from .sink import packed_segments, sink_window_attention
+from .sink import module_inv_freq, packed_segments, sink_attention
 
 KV_ATTENTION_NAME = "longctx_kv"
 
@@ -53,15 +55,14 @@ def claim(key: torch.Tensor) -> Any:
     return announced[0]
 
 
-def _sink_rule(module: torch.nn.Module, sliding_window: int | None) -> tuple[int, int | None]:
-    """(sink_tokens, window) for this layer: its own sliding window, the patched sink feature, or dense."""
+def _sink_rule(module: torch.nn.Module, sliding_window: int | None, kv_len: int) -> SinkAttention:
+    """This layer's rule: its own sliding window, the patched sink feature, or dense (a window over all
+    ``kv_len`` stored keys)."""
     if sliding_window is not None:
-        return 0, sliding_window
+        return SinkAttention(sink_tokens=0, window=sliding_window)
     saved = (getattr(module.config, "longctx", None) or {}).get("attention")
     feature = parse_feature("attention", saved) if saved else None
-    if isinstance(feature, SinkAttention):
-        return feature.sink_tokens, feature.window
-    return 0, None
+    return feature if isinstance(feature, SinkAttention) else SinkAttention(sink_tokens=0, window=max(kv_len, 1))
 
 
 def kv_attention_forward(
@@ -98,16 +99,17 @@ def kv_attention_forward(
     kv_valid = attention_mask if layer is None else layer.observe(query, key, attention_mask, scaling, softcap)
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
-    sink_tokens, window = _sink_rule(module, sliding_window)
+    feature = _sink_rule(module, sliding_window, kv_len)
     segments = None
     if layer is None and kv_valid is None:
         segments = packed_segments(position_ids, batch, q_len, kv_len)
-    out = sink_window_attention(
+    out = sink_attention(
         query,
         key,
         value,
-        sink_tokens=sink_tokens,
-        window=None if window is None or window >= kv_len else window,
+        feature=feature,
+        inv_freq=lambda: module_inv_freq(module, query.device),
+        position_offset=None if layer is None else layer.position_offset,
         scale=scaling,
         softcap=softcap,
         s_aux=s_aux,

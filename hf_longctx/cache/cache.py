@@ -20,7 +20,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from ..attention.kv import KV_ATTENTION_NAME
-from ..config import KVEviction, parse_feature
+from ..config import KVEviction, kv_for_attention, parse_feature
 from .layers import LongCtxLayer
 from .policies import make_policies
 
@@ -32,7 +32,8 @@ class LongCtxCache(Cache):
     Args:
         model: the model (or its config) the cache serves.
         kv: the eviction: a ``KVEviction``, its dict or shorthand (``"snapkv:2048"``), or None to keep
-            every token (then tokens are the same as with ``DynamicCache``).
+            every token (then tokens are the same as with ``DynamicCache``). Checked against the model's
+            sink attention, which sets a ``streaming`` budget left unset (``config.kv_for_attention``).
         capacity: fixed capacity in tokens of each full-attention layer, allocated at the first update;
             None grows the buffers geometrically.
         reserve: tokens to allocate at the first update of a layer that does not evict (generate
@@ -52,6 +53,9 @@ class LongCtxCache(Cache):
         config = model.config if isinstance(model, PreTrainedModel) else model
         text_config = config.get_text_config(decoder=True)
         self.kv: KVEviction | None = parse_feature("kv", kv)
+        if self.kv is not None:
+            attention = parse_feature("attention", (getattr(config, "longctx", None) or {}).get("attention"))
+            self.kv = kv_for_attention(self.kv, attention)
         if self.kv is not None and text_config._attn_implementation != KV_ATTENTION_NAME:
             raise ValueError(
                 f"LongCtxCache: kv eviction needs the model's attention implementation to be {KV_ATTENTION_NAME!r} "

@@ -8,6 +8,8 @@ Storage (B batch, H_kv key/value heads, C capacity in tokens, D head size):
 - ``scores`` (B, H_kv, C) float32: the eviction policy's importance of each slot.
 - ``key_channels`` (B, H_kv, D_k) int64 or None: with ThinK, the key channels stored (D_k is then
   smaller than the model's head size); the keys handed to attention have zeros elsewhere.
+- ``evicted`` (B,) int64: real tokens of each row no longer stored. Keys stay rotated at their true
+  positions; a sink/window attention that moves its sinks reads this (``position_offset``) to know them.
 
 Lengths: ``get_seq_length()`` is the number of tokens SEEN (logical, what generate's slicing and
 crop arithmetic rely on); ``stored_length`` is what the buffers hold. They differ once tokens are
@@ -73,6 +75,7 @@ class LongCtxLayer(CacheLayerMixin):
         self.valid: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None
         self.key_channels: torch.Tensor | None = None
+        self.evicted: torch.Tensor | None = None
         self._chosen_channels: torch.Tensor | None = None  # ThinK's choice, applied at the next update
         self.stored_length = 0
         self.cumulative_length = 0  # tokens seen
@@ -94,6 +97,12 @@ class LongCtxLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         """No maximum: eviction or growth make room for any number of tokens."""
         return -1
+
+    @property
+    def position_offset(self) -> torch.Tensor | None:
+        """(B,) int64 real tokens each row evicted, or None while no token was evicted: a stored token after
+        the evicted ones is at true position (its index among the stored real tokens) + this."""
+        return self.evicted if self.cumulative_length > self.stored_length else None
 
     def eviction_target(self, at_crop: bool = False) -> int | None:
         """The stored length the next eviction reduces to, if one is due now, else None.
@@ -124,6 +133,7 @@ class LongCtxLayer(CacheLayerMixin):
         self.head_dim = key_states.shape[-1]
         self._shape = (key_states.shape[0], key_states.shape[1], key_states.shape[-1], value_states.shape[-1])
         self._allocate(self.fixed_capacity or 0)
+        self.evicted = torch.zeros(key_states.shape[0], dtype=torch.long, device=self.device)
         self.is_initialized = True
 
     def _allocate(self, capacity: int) -> None:
@@ -258,7 +268,9 @@ class LongCtxLayer(CacheLayerMixin):
         keep = self.policy.select(self.scores[:, :, :stored], valid, target)  # (B, H_kv, target)
         real = valid[:, None].expand(-1, keep.shape[1], -1).gather(-1, keep)
         keep = keep.gather(-1, (keep + real.long() * stored).argsort(dim=-1))  # padding first, then in order
-        kept_real = valid.sum(-1).clamp(max=target)
+        real_tokens = valid.sum(-1)
+        kept_real = real_tokens.clamp(max=target)
+        self.evicted += real_tokens - kept_real
         keys = self.keys[:, :, :stored].gather(2, keep[..., None].expand(-1, -1, -1, self.keys.shape[-1]))
         values = self.values[:, :, :stored].gather(2, keep[..., None].expand(-1, -1, -1, self.values.shape[-1]))
         scores = self.scores[:, :, :stored].gather(2, keep)
@@ -310,7 +322,9 @@ class LongCtxLayer(CacheLayerMixin):
     def _map_batch(self, fn) -> None:
         """Apply ``fn`` (tensor -> tensor along dim 0) to the buffers and the per-slot metadata."""
         if self.is_initialized:
-            self.keys, self.values, self.valid, self.scores = map(fn, (self.keys, self.values, self.valid, self.scores))
+            self.keys, self.values, self.valid, self.scores, self.evicted = map(
+                fn, (self.keys, self.values, self.valid, self.scores, self.evicted)
+            )
             self._shape = (self.keys.shape[0], *self._shape[1:])
             if self.key_channels is not None:
                 self.key_channels = fn(self.key_channels)
@@ -331,6 +345,8 @@ class LongCtxLayer(CacheLayerMixin):
         """Forget every token; the buffers are kept for the next sequence (reallocated with ThinK,
         whose channel choice belongs to the sequence)."""
         self.stored_length = self.cumulative_length = self.prompt_length = self._since_eviction = 0
+        if self.evicted is not None:
+            self.evicted.zero_()
         self._awaiting_report = False
         self.record_past = False
         if self.key_channels is not None or self._chosen_channels is not None:

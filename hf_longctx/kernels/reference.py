@@ -64,7 +64,8 @@ def sink_window_attention(
     segment_ids: torch.Tensor | None = None,
     query_chunk: int = 256,
     key_chunk: int = 1024,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal attention restricted to ``sink_tokens`` first keys plus a recent ``window``.
 
     Args:
@@ -79,8 +80,11 @@ def sink_window_attention(
         kv_valid: (B, Skv) bool padding mask, True for real tokens.
         segment_ids: (B, Skv) int ids of packed sequences; requires Sq == Skv.
         query_chunk, key_chunk: tile sizes (tokens); they bound memory, not the result.
+        return_lse: also return the log-sum-exp of each row's scores (``s_aux`` included), to merge this
+            attention with one over other keys.
     Returns:
-        (B, H, Sq, D) in ``query.dtype``.
+        (B, H, Sq, D) in ``query.dtype``; with ``return_lse``, also (B, H, Sq) float32 natural-log LSE,
+        -inf for a row that sees no key.
     """
     batch, heads, q_len, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
@@ -107,7 +111,7 @@ def sink_window_attention(
     q_grouped = query.reshape(batch, kv_heads, groups, q_len, head_dim)
     if s_aux is not None:
         aux = s_aux.float().reshape(1, kv_heads, groups, 1)
-    outputs = []
+    outputs, lses = [], []
     for q_start in range(0, q_len, query_chunk):
         q_stop = min(q_start + query_chunk, q_len)
         chunk = q_stop - q_start
@@ -159,7 +163,9 @@ def sink_window_attention(
 
         denom = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
         outputs.append((acc / denom[..., None]).reshape(batch, heads, chunk, head_dim))
-    return torch.cat(outputs, dim=2).to(query.dtype)
+        lses.append(torch.where(row_sum > 0, row_max + denom.log(), float("-inf")).reshape(batch, heads, chunk))
+    out = torch.cat(outputs, dim=2).to(query.dtype)
+    return (out, torch.cat(lses, dim=2)) if return_lse else out
 
 
 def _block_may_be_visible(

@@ -919,7 +919,7 @@ def _forward(q, k, v, s_aux, seg, mode, sink, window, scale, softcap):
     return out, lse
 
 
-def _backward(do, q, k, v, o, lse, s_aux, seg, mode, sink, window, scale, softcap):
+def _backward(do, q, k, v, o, lse, s_aux, seg, mode, sink, window, scale, softcap, grad_lse=None):
     B, H, Sq, D, Hkv, Skv, BLOCK_D, win, qk_scale, has_cap, cap_in, cap_out, prec = _common(
         q, k, window, scale, softcap)
     sink = 0 if window < 0 else sink
@@ -941,6 +941,11 @@ def _backward(do, q, k, v, o, lse, s_aux, seg, mode, sink, window, scale, softca
     _bwd_delta_kernel[(triton.cdiv(Sq, bm_delta), B * H)](
         o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
         H, Sq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=bm_delta, num_warps=4)
+    # A gradient g_i of the LSE output (log2 units) adds g_i * log2(e) * p_ij to dS_ij (natural units): the same
+    # kernels, run with delta_i - g_i * log2(e).
+    lse_term = None if grad_lse is None else grad_lse.float() * _LOG2E
+    if lse_term is not None:
+        delta = delta - lse_term
     seg_t = seg if seg is not None else _dummy(q)
     blocks = _outer_blocks(BLOCK_D)
     common = [H, G, Sq, Skv, sink, win, qk_scale, scale, cap_in, cap_out, _sq_bucket(Sq)]
@@ -981,6 +986,8 @@ def _backward(do, q, k, v, o, lse, s_aux, seg, mode, sink, window, scale, softca
         # come from the dq kernel in fp32 (rowsum(o * do) would carry the rounding of o)
         sa2 = s_aux.float() * _LOG2E
         p_sink = torch.exp2(sa2[None, :, None] - lse)
+        if lse_term is not None:
+            pdp = pdp - lse_term
         ds_aux = -(p_sink * pdp).sum(dim=(0, 2)).to(s_aux.dtype)
     return dq, dk, dv, ds_aux
 
@@ -1010,14 +1017,15 @@ def _(q, k, v, s_aux, segments, mode, sink_tokens, window, scale, softcap):
 @torch.library.custom_op("hf_longctx::sink_window_bwd", mutates_args=())
 def sink_window_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                     lse: torch.Tensor, s_aux: torch.Tensor | None, segments: torch.Tensor | None, mode: int,
-                    sink_tokens: int, window: int, scale: float,
-                    softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward: (dq, dk, dv, d_s_aux); d_s_aux is an empty tensor when ``s_aux`` is None."""
-    return _backward(do, q, k, v, o, lse, s_aux, segments, mode, sink_tokens, window, scale, softcap)
+                    sink_tokens: int, window: int, scale: float, softcap: float,
+                    grad_lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: (dq, dk, dv, d_s_aux); d_s_aux is an empty tensor when ``s_aux`` is None. ``grad_lse``: the
+    gradient of the forward's LSE output (B, H, Sq), None when the LSE was not used."""
+    return _backward(do, q, k, v, o, lse, s_aux, segments, mode, sink_tokens, window, scale, softcap, grad_lse)
 
 
 @sink_window_bwd.register_fake
-def _(do, q, k, v, o, lse, s_aux, segments, mode, sink_tokens, window, scale, softcap):
+def _(do, q, k, v, o, lse, s_aux, segments, mode, sink_tokens, window, scale, softcap, grad_lse=None):
     ds = torch.empty_like(s_aux) if s_aux is not None else q.new_empty(0, dtype=torch.float32)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), ds
 
@@ -1036,7 +1044,7 @@ def _backward_fn(ctx, grad_out, grad_lse):
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     dq, dk, dv, ds = sink_window_bwd(grad_out, q, k, v, out, lse, s_aux, segments, mode, sink_tokens, window,
-                                     scale, softcap)
+                                     scale, softcap, grad_lse)
     return dq, dk, dv, (ds if ctx.has_saux else None), None, None, None, None, None, None
 
 
@@ -1109,12 +1117,15 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 def sink_window_attention_segments(query, key, value, *, sink_tokens: int, window: int | None,
                                    scale: float | None = None, softcap: float | None = None,
                                    s_aux: torch.Tensor | None = None, kv_spans: torch.Tensor | None = None,
-                                   segments: torch.Tensor | None = None) -> torch.Tensor:
+                                   segments: torch.Tensor | None = None,
+                                   return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Lower-level entry: masks already converted (no host sync, no mask checks).
 
     ``kv_spans``: (B, 2) int32 [start, end) of each row's real keys (from :func:`kv_valid_to_spans`).
     ``segments``: (n_seg, 5) int32 from :func:`segment_table` (packed sequences; Sq == Skv).
-    Returns (B, H, Sq, D) in query.dtype (memory laid out as (B, Sq, H, D)).
+    Returns (B, H, Sq, D) in query.dtype (memory laid out as (B, Sq, H, D)); with ``return_lse`` also the
+    (B, H, Sq) float32 natural-log LSE of each row (``s_aux`` included; -inf for a row that sees no key),
+    differentiable like the output.
     """
     reason = unsupported_reason(query, key, value, sink_tokens=sink_tokens, window=window, scale=scale,
                                 softcap=softcap, s_aux=s_aux)
@@ -1128,7 +1139,8 @@ def sink_window_attention_segments(query, key, value, *, sink_tokens: int, windo
     if window is not None and window >= Skv:
         window = None  # the window covers everything: dense causal
     if Skv == 0 or query.numel() == 0:
-        return query.new_zeros(B, Sq, H, D).transpose(1, 2)
+        out = query.new_zeros(B, Sq, H, D).transpose(1, 2)
+        return (out, query.new_full((B, H, Sq), float("-inf"), dtype=torch.float32)) if return_lse else out
     mode, seg = 0, None
     if segments is not None:
         if segments.dim() != 2 or segments.shape[1] != 5:
@@ -1140,17 +1152,21 @@ def sink_window_attention_segments(query, key, value, *, sink_tokens: int, windo
         if tuple(kv_spans.shape) != (B, 2):
             raise ValueError(f"kv_spans must be (B, 2) = ({B}, 2)")
         mode, seg = 1, kv_spans.to(device=query.device, dtype=torch.int32).contiguous()
-    out, _ = sink_window_fwd(_last_dim_contiguous(query), _last_dim_contiguous(key), _last_dim_contiguous(value),
-                             s_aux, seg, mode, int(sink_tokens), -1 if window is None else int(window), scale,
-                             0.0 if softcap is None else float(softcap))
-    return out
+    out, lse = sink_window_fwd(_last_dim_contiguous(query), _last_dim_contiguous(key), _last_dim_contiguous(value),
+                               s_aux, seg, mode, int(sink_tokens), -1 if window is None else int(window), scale,
+                               0.0 if softcap is None else float(softcap))
+    if not return_lse:
+        return out
+    # The kernels keep log2 units and +inf for empty rows (so that their backward's exp2(s - lse) is 0).
+    return out, torch.where(lse == float("inf"), float("-inf"), lse * (1 / _LOG2E))
 
 
 def sink_window_attention_triton(query, key, value, *, sink_tokens: int, window: int | None,
                                  scale: float | None = None, softcap: float | None = None,
                                  s_aux: torch.Tensor | None = None, kv_valid: torch.Tensor | None = None,
                                  segment_ids: torch.Tensor | None = None, query_chunk: int | None = None,
-                                 key_chunk: int | None = None) -> torch.Tensor:
+                                 key_chunk: int | None = None,
+                                 return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sink + sliding-window causal attention (Triton), same contract as the PyTorch reference.
 
     query (B, H, Sq, D); key, value (B, H_kv, Skv, D); queries are the last Sq of the Skv positions.
@@ -1160,6 +1176,7 @@ def sink_window_attention_triton(query, key, value, *, sink_tokens: int, window:
     term with no value). ``softcap``: s = softcap * tanh(s / softcap). Returns (B, H, Sq, D) in
     query.dtype; differentiable in query, key, value and s_aux. Unsupported input -> ValueError.
     ``query_chunk`` / ``key_chunk`` are the reference's tile sizes, accepted and ignored here.
+    ``return_lse``: also return the (B, H, Sq) float32 natural-log LSE, as the reference does.
     """
     reason = unsupported_reason(query, key, value, sink_tokens=sink_tokens, window=window, scale=scale,
                                 softcap=softcap, s_aux=s_aux, kv_valid=kv_valid, segment_ids=segment_ids)
@@ -1171,4 +1188,5 @@ def sink_window_attention_triton(query, key, value, *, sink_tokens: int, window:
     elif kv_valid is not None:
         kv_spans = kv_valid_to_spans(kv_valid)
     return sink_window_attention_segments(query, key, value, sink_tokens=sink_tokens, window=window, scale=scale,
-                                          softcap=softcap, s_aux=s_aux, kv_spans=kv_spans, segments=segments)
+                                          softcap=softcap, s_aux=s_aux, kv_spans=kv_spans, segments=segments,
+                                          return_lse=return_lse)
