@@ -10,11 +10,13 @@ Importing the package registers the ``longctx_*`` attention implementations, so
 ``longctx_*`` rope types, so a checkpoint saved with one loads with a plain ``from_pretrained``.
 """
 
+from . import training
 from .attention import register as _register_attention
 from .cache import LongCtxCache
-from .config import KVEviction, LongCtxConfig, RopeScaling, SinkAttention
+from .config import KVEviction, LongCtxConfig, RopeScaling, SinkAttention, Speculative
 from .patching import UnsupportedModelError, from_pretrained, patch, patched_config, unpatch
 from .rope import register as _register_rope
+from .speculative import speculative_generate
 
 __version__ = "0.1.0"
 
@@ -27,10 +29,13 @@ __all__ = [
     "LongCtxConfig",
     "RopeScaling",
     "SinkAttention",
+    "Speculative",
     "UnsupportedModelError",
     "__version__",
     "from_pretrained",
     "patch",
     "patched_config",
+    "speculative_generate",
+    "training",
     "unpatch",
 ]

@@ -369,12 +369,136 @@ class RopeScaling:
         return self.type in ROPE_REMAP_TYPES
 
 
+SPECULATIVE_MODES = ("self", "draft")
+
+
+@dataclass(frozen=True)
+class Speculative:
+    """Speculative decoding (``hf_longctx.speculative``): a draft proposes tokens, the target verifies them all
+    in one forward; the output has the target's distribution (greedy: the same tokens as plain ``generate``).
+
+    Shorthands: ``"draft:org/draft-model"`` (positional values: draft, num_draft_tokens); ``"self"`` is
+    self-speculation (planned, not built yet: a ValueError at generate).
+
+    Attributes:
+        draft: ``"self"``, a ``PreTrainedModel`` with the target's vocabulary, or its name or path. In config.json a
+            model is recorded by its ``name_or_path`` (None for a model built in memory; loading such a config
+            raises: give the model again with ``lc.patch(model, speculative=Speculative(draft=model))``).
+        draft_kv: the eviction bounding the draft's own cache (a ``KVEviction``, dict or shorthand such as
+            ``"streaming:1024"``), or None to keep the draft's whole cache.
+        num_draft_tokens: tokens drafted per round, >= 1, or ``"adaptive"``: up to ``max_draft_tokens``, stopping
+            early once the draft's probability of its own token falls under ``threshold``.
+        max_draft_tokens: the most tokens an adaptive round drafts; >= 1.
+        threshold: ``"adaptive"`` only: the draft confidence, in (0, 1), under which a round stops drafting.
+    """
+
+    draft: Any = "self"
+    draft_kv: Any = None
+    num_draft_tokens: int | str = 4
+    max_draft_tokens: int = 16
+    threshold: float = 0.4
+
+    kind: ClassVar[str] = "speculative"
+    shorthand_fields: ClassVar[dict[str, tuple[str, ...]]] = {
+        "self": ("num_draft_tokens",),
+        "draft": ("draft", "num_draft_tokens"),
+    }
+
+    def __post_init__(self) -> None:
+        owner = "Speculative"
+        if self.draft is None:
+            raise ValueError(
+                f"{owner}: `draft` is None: the config was saved with a draft model built in memory (it has no "
+                "name_or_path); give the model again: lc.patch(model, speculative=lc.Speculative(draft=draft_model))"
+            )
+        if self.draft != "self" and not isinstance(self.draft, str) and not hasattr(self.draft, "generate"):
+            raise ValueError(f"{owner}: `draft` must be 'self', a causal LM or its name/path, got {self.draft!r}")
+        object.__setattr__(self, "draft_kv", parse_feature("kv", self.draft_kv))
+        if self.num_draft_tokens != "adaptive":
+            _check_int(owner, "num_draft_tokens", self.num_draft_tokens, 1)
+        _check_int(owner, "max_draft_tokens", self.max_draft_tokens, 1)
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not (
+            0 < self.threshold < 1
+        ):
+            raise ValueError(f"{owner}: `threshold` must be a number in (0, 1), got {self.threshold!r}")
+
+    @property
+    def name(self) -> str:
+        """The shorthand / ``"type"`` name: ``"self"`` or ``"draft"``."""
+        return "self" if self.draft == "self" else "draft"
+
+    def config_fields(self) -> dict[str, Any]:
+        """The fields as config.json stores them: a draft model by its ``name_or_path`` (None if it has none)."""
+        draft = self.draft
+        if not isinstance(draft, str):
+            draft = getattr(draft, "name_or_path", None) or None
+        fields = {"draft": draft, "draft_kv": None if self.draft_kv is None else feature_to_dict(self.draft_kv)}
+        fields.update(num_draft_tokens=self.num_draft_tokens, max_draft_tokens=self.max_draft_tokens)
+        return {**fields, "threshold": self.threshold}
+
+
+S2_TYPES = ("s2", "s2_sink")
+
+
+@dataclass(frozen=True)
+class ShiftedSparseAttention:
+    """Training-time shifted sparse attention (``hf_longctx.attention.s2``); the shorthand name is the type.
+
+    While the attention module trains, each sequence is cut into groups of ``group_size`` tokens and a query sees
+    the keys of its own group only (causally); half of the heads use groups shifted by half a group, so
+    information flows between neighbouring groups (LongLoRA's S2-Attn). ``"s2_sink"`` also lets every query see
+    the first ``sink_tokens`` tokens of the sequence (SinkLoRA). In eval mode the layer runs sink attention
+    (``SinkAttention(sink_tokens, window)``), or dense causal attention without a ``window``.
+
+    Attributes:
+        type: ``"s2"`` or ``"s2_sink"``.
+        group_size: tokens per group, even, >= 2; None: a quarter of each batch's length. The training length
+            must be a multiple of it (ValueError otherwise; pad batches with ``pad_to_multiple_of``).
+        sink_tokens: global tokens every query sees: 0 for ``"s2"``, >= 1 for ``"s2_sink"`` (default 4).
+        window: the inference window in tokens (>= 1), or None for dense causal attention at inference.
+    """
+
+    type: str = "s2"
+    group_size: int | None = None
+    sink_tokens: int | None = None
+    window: int | None = None
+
+    kind: ClassVar[str] = "attention"
+    name: ClassVar[str] = "shifted sparse attention"
+    named_by: ClassVar[str] = "type"
+    shorthand_fields: ClassVar[dict[str, tuple[str, ...]]] = {"s2": ("group_size",),
+                                                              "s2_sink": ("group_size", "sink_tokens")}
+
+    def __post_init__(self) -> None:
+        owner = f"ShiftedSparseAttention(type={self.type!r})"
+        if self.type not in S2_TYPES:
+            raise ValueError(f"ShiftedSparseAttention: unknown `type` {self.type!r}; accepted: {', '.join(S2_TYPES)}")
+        if self.group_size is not None:
+            _check_int(owner, "group_size", self.group_size, 2)
+            if self.group_size % 2:
+                raise ValueError(f"{owner}: `group_size` must be even (half the heads shift by half a group), "
+                                 f"got {self.group_size}")
+        if self.sink_tokens is None:
+            object.__setattr__(self, "sink_tokens", 4 if self.type == "s2_sink" else 0)
+        if self.type == "s2":
+            if self.sink_tokens != 0:
+                raise ValueError(f"{owner}: `sink_tokens` is for type 's2_sink'; got {self.sink_tokens!r}")
+        else:
+            _check_int(owner, "sink_tokens", self.sink_tokens, 1)
+        if self.window is not None:
+            _check_int(owner, "window", self.window, 1)
+
+    def inference_attention(self, kv_len: int) -> SinkAttention:
+        """The attention the layers run outside training, for ``kv_len`` keys (dense: a window over all of them)."""
+        return SinkAttention(sink_tokens=self.sink_tokens, window=self.window or max(kv_len, 1))
+
+
 # Every implemented feature, by kind and shorthand name. A kind with no entry is planned, not built.
 FEATURES: dict[str, dict[str, type]] = {
-    "attention": {SinkAttention.name: SinkAttention},
+    "attention": {SinkAttention.name: SinkAttention, **{name: ShiftedSparseAttention for name in S2_TYPES}},
     "rope": {name: RopeScaling for name in ROPE_TYPES},
     "kv": {policy: KVEviction for policy in KV_POLICIES},
-    "speculative": {},
+    "speculative": {mode: Speculative for mode in SPECULATIVE_MODES},
 }
 
 
@@ -409,7 +533,11 @@ def _from_fields(kind: str, name: str, cls: type, fields: dict[str, Any]):
         if fields.get(named_by, name) != name:
             raise ValueError(f"{kind} {name!r}: `{named_by}` {fields[named_by]!r} contradicts the name {name!r}")
         fields = {**fields, named_by: name}
-    return cls(**fields)
+        return cls(**fields)
+    feature = cls(**fields)
+    if feature.name != name:  # a class serving several names tells its name from its fields
+        raise ValueError(f"{kind} {name!r}: its fields make it a {feature.name!r} feature")
+    return feature
 
 
 def _lookup(kind: str, name: Any) -> type:
@@ -456,7 +584,7 @@ def parse_feature(kind: str, value: Any):
 def feature_to_dict(feature) -> dict[str, Any]:
     """The config.json form of a feature: ``{"type": name, **fields}`` (less its ``omitted_at_default`` fields
     that hold their defaults)."""
-    fields = dataclasses.asdict(feature)
+    fields = feature.config_fields() if hasattr(feature, "config_fields") else dataclasses.asdict(feature)
     for field in dataclasses.fields(feature):
         if field.name in getattr(feature, "omitted_at_default", ()) and fields[field.name] == field.default:
             del fields[field.name]

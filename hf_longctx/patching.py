@@ -3,10 +3,12 @@ points, and undo exactly that.
 
 What ``patch`` changes, and ``unpatch`` restores:
 - the attention implementation of the model's configs (``set_attn_implementation``), for the
-  attention feature (``longctx_sink``) and the kv feature (``longctx_kv``, which also applies a
-  configured sink/window rule);
+  attention feature (``longctx_sink``; ``longctx_s2`` for shifted sparse attention) and the kv feature
+  (``longctx_kv``, which also applies a configured sink/window rule);
 - for the kv feature, ``_prepare_cache_for_generation`` bound on the model instance, so that
   ``generate`` builds a ``LongCtxCache`` (``hf_longctx.cache.generate``);
+- for the speculative feature, ``generate`` bound on the model instance, so that it runs
+  ``speculative_generate`` as its ``custom_generate`` loop (a draft given by name is loaded here);
 - for the rope feature, the rotary embeddings (``inv_freq``, ``original_inv_freq``, attention scaling) and
   the configs' ``rope_parameters`` (``hf_longctx.rope.apply``); Self-Extend and dual-chunk instead set the
   ``longctx_rope_remap`` attention implementation;
@@ -22,10 +24,11 @@ from typing import Any
 
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .attention import ATTENTION_NAME, KV_ATTENTION_NAME, REMAP_ATTENTION_NAME
+from .attention import ATTENTION_NAME, KV_ATTENTION_NAME, REMAP_ATTENTION_NAME, S2_ATTENTION_NAME
 from .cache.generate import prepare_cache_for_generation
-from .config import LongCtxConfig, SinkAttention
+from .config import LongCtxConfig, ShiftedSparseAttention, SinkAttention
 from .rope.apply import RopeState, apply_rope_scaling, restore_rope_scaling
+from .speculative import bind_generate, load_draft
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
 _STATE_ATTR = "_longctx_patch_state"
@@ -45,6 +48,8 @@ class _PatchState:
     rope: RopeState | None = None  # what the rope feature changed
     # the model instance's own `_prepare_cache_for_generation` before patching, or _MISSING
     prepare_cache: Any = _MISSING
+    # the model instance's own `generate` before patching, or _MISSING
+    generate: Any = _MISSING
 
 
 def _model_configs(model: PreTrainedModel) -> list[Any]:
@@ -61,6 +66,14 @@ def _model_configs(model: PreTrainedModel) -> list[Any]:
             if sub is not None:
                 pending.append(sub)
     return list(found.values())
+
+
+def base_model(model: Any) -> Any:
+    """The transformers model inside a PEFT ``PeftModel`` (``get_base_model()``), else ``model`` itself: patching a
+    wrapped model patches the model it wraps, so adapters and ``modules_to_save`` train on the patched attention."""
+    if isinstance(model, PreTrainedModel) or not callable(getattr(model, "get_base_model", None)):
+        return model
+    return model.get_base_model()
 
 
 def check_supported(model: Any) -> None:
@@ -91,7 +104,7 @@ def patch(model: PreTrainedModel, config: LongCtxConfig | dict | None = None, **
     """Apply long-context features to a loaded model, in place; returns the model.
 
     Args:
-        model: a transformers causal LM (already loaded; any device and dtype).
+        model: a transformers causal LM (already loaded; any device and dtype), or a PEFT model wrapping one.
         config: a LongCtxConfig, its dict form, or None.
         **features: ``attention=``, ``rope=``, ``kv=``, ``speculative=``, each a feature dataclass,
             a dict or a shorthand string (``attention="sink:4096"``); they override ``config``.
@@ -100,11 +113,13 @@ def patch(model: PreTrainedModel, config: LongCtxConfig | dict | None = None, **
     wanted = LongCtxConfig.coerce(config, **features)
     if wanted.is_empty():
         raise ValueError("patch() needs at least one feature: attention=, rope=, kv= or speculative=")
+    wrapper, model = model, base_model(model)
     check_supported(model)
     state = getattr(model, _STATE_ATTR, None)
+    if state is not None and state.config == wanted:
+        return wrapper
+    speculative = None if wanted.speculative is None else load_draft(wanted.speculative, model)  # may raise
     if state is not None:
-        if state.config == wanted:
-            return model
         unpatch(model)
 
     state = _PatchState(config=wanted, previous_longctx=model.config.__dict__.get("longctx", _MISSING))
@@ -116,21 +131,27 @@ def patch(model: PreTrainedModel, config: LongCtxConfig | dict | None = None, **
     setattr(model, _STATE_ATTR, state)
     if isinstance(wanted.attention, SinkAttention):
         model.set_attn_implementation(ATTENTION_NAME)
+    if isinstance(wanted.attention, ShiftedSparseAttention):
+        model.set_attn_implementation(S2_ATTENTION_NAME)
     if wanted.rope is not None and wanted.rope.on_attention_path:
         model.set_attn_implementation(REMAP_ATTENTION_NAME)
     if wanted.kv is not None:
         model.set_attn_implementation(KV_ATTENTION_NAME)
         state.prepare_cache = model.__dict__.get("_prepare_cache_for_generation", _MISSING)
         model._prepare_cache_for_generation = types.MethodType(prepare_cache_for_generation, model)
+    if speculative is not None:
+        state.generate = model.__dict__.get("generate", _MISSING)
+        model.generate = bind_generate(model, speculative)
     model.config.longctx = wanted.to_dict()
-    return model
+    return wrapper
 
 
 def unpatch(model: PreTrainedModel) -> PreTrainedModel:
     """Restore exactly what ``patch`` changed; a model that is not patched is returned unchanged."""
+    wrapper, model = model, base_model(model)
     state = model.__dict__.get(_STATE_ATTR)
     if state is None:
-        return model
+        return wrapper
     for config, value in state.attn_implementations:
         if value is _MISSING:
             config.__dict__.pop("_attn_implementation_internal", None)
@@ -141,6 +162,11 @@ def unpatch(model: PreTrainedModel) -> PreTrainedModel:
             model.__dict__.pop("_prepare_cache_for_generation", None)
         else:
             model._prepare_cache_for_generation = state.prepare_cache
+    if state.config.speculative is not None:
+        if state.generate is _MISSING:
+            model.__dict__.pop("generate", None)
+        else:
+            model.generate = state.generate
     if state.rope is not None:
         restore_rope_scaling(state.rope)
     if state.previous_longctx is _MISSING:
@@ -148,12 +174,12 @@ def unpatch(model: PreTrainedModel) -> PreTrainedModel:
     else:
         model.config.longctx = state.previous_longctx
     delattr(model, _STATE_ATTR)
-    return model
+    return wrapper
 
 
 def patched_config(model: PreTrainedModel) -> LongCtxConfig | None:
     """The LongCtxConfig in effect on a model, or None if it is not patched."""
-    state = model.__dict__.get(_STATE_ATTR)
+    state = base_model(model).__dict__.get(_STATE_ATTR)
     return None if state is None else state.config
 
 

@@ -42,12 +42,12 @@ def test_bad_shorthand_value_names_the_parameter():
 
 
 def test_unknown_shorthand_lists_the_known_names():
-    with pytest.raises(ValueError, match="unknown attention 'bogus'; known: 'sink'"):
+    with pytest.raises(ValueError, match="unknown attention 'bogus'; known: 's2', 's2_sink', 'sink'"):
         lc.patch(tiny_model("llama"), attention="bogus")
     with pytest.raises(ValueError, match="unknown rope 'bogus'; known: 'abf', "):
         lc.LongCtxConfig(rope="bogus:4")
-    with pytest.raises(ValueError, match="unknown speculative 'self'; known: none yet"):
-        lc.LongCtxConfig(speculative="self")
+    with pytest.raises(ValueError, match="unknown speculative 'bogus'; known: 'draft', 'self'"):
+        lc.LongCtxConfig(speculative="bogus")
 
 
 def test_unknown_parameter_and_feature_kind():

@@ -1,8 +1,9 @@
 """Attention functions registered in transformers' attention and mask registries."""
 
-from . import kv, remap, sink
+from . import kv, remap, s2, sink
 from .kv import KV_ATTENTION_NAME, kv_attention_forward
 from .remap import REMAP_ATTENTION_NAME, rope_remap_attention_forward
+from .s2 import S2_ATTENTION_NAME, s2_attention_forward
 from .sink import ATTENTION_NAME, sink_attention_forward
 
 
@@ -11,14 +12,17 @@ def register() -> None:
     sink.register()
     kv.register()
     remap.register()
+    s2.register()
 
 
 __all__ = [
     "ATTENTION_NAME",
     "KV_ATTENTION_NAME",
     "REMAP_ATTENTION_NAME",
+    "S2_ATTENTION_NAME",
     "kv_attention_forward",
     "register",
     "rope_remap_attention_forward",
+    "s2_attention_forward",
     "sink_attention_forward",
 ]

@@ -12,7 +12,8 @@ two meet through an explicit hand-off:
    cache, or none, gives None);
 3. the attention function calls ``layer.observe(query, key, attention_mask, scaling, softcap)``: the layer
    records the padding of the new slots (the last ``Sq`` columns of the 2D mask), updates its policy's
-   scores and returns the (B, S_stored) validity of its slots, which replaces the mask.
+   scores and returns the (B, S_stored) validity of its slots, which replaces the mask (None while no
+   padding was ever stored: no mask, and no device sync to convert one).
 
 The announcement lives in a ``ContextVar``, so concurrent threads do not see each other's. Keys from
 other caches (or no cache) are attended with the 2D padding mask, as ``longctx_sink`` does.

@@ -105,7 +105,7 @@ def sink_window_attention(query, key, value, **kwargs) -> torch.Tensor | tuple[t
     return reference.sink_window_attention(query, key, value, **kwargs)
 
 
-def sinks_move(feature: SinkAttention, kv_len: int, position_offset: torch.Tensor | None) -> bool:
+def _sinks_move(feature: SinkAttention, kv_len: int, position_offset: torch.Tensor | None) -> bool:
     """Whether some sink may be seen closer than its true distance (else one kernel call is exact).
 
     Decided from shapes, without a device sync: with no eviction (``position_offset`` None) the largest
@@ -147,11 +147,11 @@ def sink_attention(
     """
     kv_len = key.shape[2]
     window = None if feature.window >= kv_len else feature.window
-    if not sinks_move(feature, kv_len, position_offset):
+    if not _sinks_move(feature, kv_len, position_offset):
         return sink_window_attention(query, key, value, sink_tokens=feature.sink_tokens, window=window, **kwargs)
     window_out, window_lse = sink_window_attention(query, key, value, sink_tokens=0, window=window,
                                                    return_lse=True, **kwargs)
-    sink_max, sink_sum, sink_acc = moved_sinks_softmax(
+    sink_max, sink_sum, sink_acc = _moved_sinks_softmax(
         query, key, value, feature=feature, inv_freq=inv_freq() if callable(inv_freq) else inv_freq,
         position_offset=position_offset, scale=kwargs.get("scale"), softcap=kwargs.get("softcap"),
         kv_valid=kwargs.get("kv_valid"), segment_ids=kwargs.get("segment_ids"),
@@ -167,7 +167,7 @@ def sink_attention(
     return (numerator / denominator[..., None]).to(query.dtype)
 
 
-def moved_sinks_softmax(
+def _moved_sinks_softmax(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -194,6 +194,8 @@ def moved_sinks_softmax(
     batch, heads, q_len, head_dim = query.shape
     kv_heads, kv_len, value_dim = key.shape[1], key.shape[2], value.shape[3]
     groups, sinks = heads // kv_heads, feature.sink_tokens
+    if 2 * inv_freq.shape[0] > head_dim:
+        raise ValueError(f"inv_freq has {inv_freq.shape[0]} frequencies, more than head_dim / 2 = {head_dim // 2}")
     scale = head_dim**-0.5 if scale is None else scale
     device = query.device
     inv_freq = inv_freq.to(device=device, dtype=torch.float32)

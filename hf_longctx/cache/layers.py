@@ -81,6 +81,7 @@ class LongCtxLayer(CacheLayerMixin):
         self.cumulative_length = 0  # tokens seen
         self.prompt_length = 0  # tokens seen by the end of the latest prefill (for ratio budgets)
         self.record_past = False
+        self.padded = False  # whether a stored slot may hold padding (a padding mask was reported)
         self._since_eviction = 0  # the last tokens stored in order: what `crop` can remove
         self._awaiting_report = False
 
@@ -244,18 +245,20 @@ class LongCtxLayer(CacheLayerMixin):
                 columns are the new tokens.
             scale, softcap: the model's attention scale and logit soft-cap.
         Returns:
-            (B, stored_length) bool: which stored slots hold real tokens (the attention's key mask).
+            (B, stored_length) bool: which stored slots hold real tokens (the attention's key mask), or None
+            while no padding mask was ever reported (every slot is real; the attention then needs no mask).
         """
         self._awaiting_report = False
         stored, new = self.stored_length, query.shape[2]
         if attention_mask is not None:
             self.valid[:, stored - new : stored] = attention_mask[:, -new:]
+            self.padded = True
         valid = self.valid[:, :stored]
         if self.policy.uses_attention:
             self.policy.observe(self.scores[:, :, :stored], query, key, valid, scale, softcap)
         if self.key_channels is None and self._chosen_channels is None and new > 1 and not self.record_past:
             self._chosen_channels = self.policy.choose_channels(query, key, valid)
-        return valid
+        return valid if self.padded else None
 
     def _evict(self, target: int, incoming: int = 0) -> None:
         """Keep ``target`` slots per row and head, as the policy selects, compacted to the front.
@@ -348,7 +351,7 @@ class LongCtxLayer(CacheLayerMixin):
         if self.evicted is not None:
             self.evicted.zero_()
         self._awaiting_report = False
-        self.record_past = False
+        self.record_past = self.padded = False
         if self.key_channels is not None or self._chosen_channels is not None:
             self.keys = self.values = self.valid = self.scores = None
             self.key_channels = self._chosen_channels = None

@@ -1017,8 +1017,8 @@ def _(q, k, v, s_aux, segments, mode, sink_tokens, window, scale, softcap):
 @torch.library.custom_op("hf_longctx::sink_window_bwd", mutates_args=())
 def sink_window_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                     lse: torch.Tensor, s_aux: torch.Tensor | None, segments: torch.Tensor | None, mode: int,
-                    sink_tokens: int, window: int, scale: float, softcap: float,
-                    grad_lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    sink_tokens: int, window: int, scale: float, softcap: float, grad_lse: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: (dq, dk, dv, d_s_aux); d_s_aux is an empty tensor when ``s_aux`` is None. ``grad_lse``: the
     gradient of the forward's LSE output (B, H, Sq), None when the LSE was not used."""
     return _backward(do, q, k, v, o, lse, s_aux, segments, mode, sink_tokens, window, scale, softcap, grad_lse)

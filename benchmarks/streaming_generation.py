@@ -1,0 +1,375 @@
+"""Streaming generation on the reference target (issue 4): 100K generated tokens in constant KV memory, and the
+perplexity of a 100K-token held-out stream read through the same streaming cache.
+
+Patch: ``lc.patch(model, attention=ATTENTION, kv=KV)``, by default ``sink:1020,4,positions=cache`` (StreamingLLM:
+4 sinks + a 1020-token window, positions counted inside the cache, so none exceeds the trained 1023) and
+``streaming`` (its budget taken from the attention: 4 + 1020 - 1 tokens per layer). bf16 on CUDA.
+
+What it measures, and why these measures:
+
+1. Quality: the perplexity of held-out text (the validation split of ``hf_longctx.eval.corpus``, documents
+   joined with EOS, repeated if they hold fewer than ``--ppl-tokens``: a repeat lies tens of thousands of
+   tokens back, far outside the window, so it cannot be copied) read ``--chunk`` tokens per forward through
+   the streaming cache: every token is predicted from the sinks and the window, exactly as during
+   generation, and its NLL is against real text. The NLL of the model's own generated tokens would only say
+   how sure the model is of itself. The stock model reads the same stream with a full cache for comparison.
+2. Memory: ``torch.cuda.max_memory_allocated`` and ``memory_allocated`` every ``--probe-every`` generated
+   tokens, (a) through ``model.generate`` (greedy) for ``--eager-tokens``, and (b) for ``--new-tokens`` with a
+   greedy loop that replays the patched model's one-token forward as a CUDA graph (``--no-cuda-graphs``: an
+   eager loop; a graph that cannot be captured falls back to it, and says so). The CUDA graph removes the
+   per-token Python and launch overhead of the 20M-parameter model, which would otherwise dominate; the graph
+   holds the same cache, eviction and attention code. Peak memory is reset at the start of each run.
+
+Writes ``OUT/streaming_generation.md`` (summary and tables, device and versions), ``_memory.csv`` (one row per
+probe), ``_ppl.csv`` (one row per ``--bucket`` tokens of the stream) and ``.png`` (memory over generated tokens;
+perplexity over the stream position). Estimated on an H100 with the defaults (written without a GPU, so not
+yet measured): 2-4 minutes; a generation run that passes ``--max-minutes`` stops and reports how far it got.
+
+    PYTHONPATH=. python benchmarks/streaming_generation.py --out benchmarks/results/streaming_generation
+    PYTHONPATH=. python benchmarks/streaming_generation.py --out /tmp/stream-cpu --device cpu --dtype float32 \\
+        --attention sink:60,4,positions=cache --new-tokens 300 --eager-tokens 200 --probe-every 50 \\
+        --ppl-tokens 3000 --chunk 256 --bucket 500    # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import inspect
+import math
+import platform
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, StoppingCriteria
+
+import hf_longctx as lc
+from hf_longctx.eval import report
+from hf_longctx.eval.corpus import iter_documents
+from hf_longctx.eval.perplexity import logits_from_hidden
+
+MIB = 2**20
+
+
+class MemoryProbe:
+    """Rows (run, generated tokens, max allocated MiB, allocated MiB, seconds, stored tokens per layer)."""
+
+    def __init__(self, device: torch.device, every: int):
+        self.device, self.every = device, every
+        self.rows: list[dict] = []
+
+    def record(self, run: str, generated: int, started: float, stored: int | None) -> None:
+        cuda = self.device.type == "cuda"
+        self.rows.append({
+            "run": run,
+            "generated_tokens": generated,
+            "max_allocated_mib": round(torch.cuda.max_memory_allocated(self.device) / MIB, 2) if cuda else None,
+            "allocated_mib": round(torch.cuda.memory_allocated(self.device) / MIB, 2) if cuda else None,
+            "seconds": round(time.perf_counter() - started, 2),
+            "stored_tokens": stored,
+        })
+
+
+class ProbeCriteria(StoppingCriteria):
+    """Records memory every ``probe.every`` generated tokens during ``generate``; stops past ``deadline``."""
+
+    def __init__(self, probe: MemoryProbe, prompt: int, deadline: float, started: float):
+        self.probe, self.prompt, self.deadline, self.started = probe, prompt, deadline, started
+        self.stopped_early = False
+
+    def __call__(self, input_ids, scores, **kwargs):
+        generated = input_ids.shape[1] - self.prompt
+        if generated % self.probe.every == 0:
+            self.probe.record("generate", generated, self.started, None)
+        stop = time.perf_counter() > self.deadline
+        self.stopped_early |= stop
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+def heldout_stream(tokenizer, tokens: int) -> tuple[torch.Tensor, int]:
+    """(``tokens`` ids: BOS, then the validation documents joined with EOS, repeated as needed; the number of
+    distinct tokens before the first repeat)."""
+    pieces = []
+    for document in iter_documents("validation"):
+        pieces += tokenizer(document.text, add_special_tokens=False, verbose=False)["input_ids"]
+        pieces.append(tokenizer.eos_token_id)
+    prefix = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    repeats = math.ceil(max(0, tokens - len(prefix)) / len(pieces))
+    return torch.tensor((prefix + pieces * repeats)[:tokens]), len(prefix) + len(pieces)
+
+
+@torch.no_grad()
+def stream_nll(model, stream: torch.Tensor, chunk: int, cache) -> torch.Tensor:
+    """(N - 1,) float32 NLL (nats) of every next token of ``stream``, read ``chunk`` tokens per forward."""
+    ids = stream.to(model.device)[None]
+    losses = []
+    for start in range(0, ids.shape[1] - 1, chunk):
+        hidden = model.base_model(input_ids=ids[:, start : start + chunk], past_key_values=cache,
+                                  use_cache=True).last_hidden_state[0]
+        targets = ids[0, start + 1 : start + 1 + chunk]
+        logits = logits_from_hidden(model, hidden[None, : targets.shape[0]])[0]
+        losses.append(F.cross_entropy(logits, targets, reduction="none"))
+    return torch.cat(losses).float().cpu()
+
+
+def bucket_perplexity(nll: torch.Tensor, bucket: int) -> list[tuple[int, int, float]]:
+    """(first token, last token + 1, perplexity) of each ``bucket`` predicted tokens."""
+    return [(start, min(start + bucket, len(nll)), math.exp(nll[start : start + bucket].mean().item()))
+            for start in range(0, len(nll), bucket)]
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def generate_eager(model, prompt: torch.Tensor, tokens: int, probe: MemoryProbe, deadline: float) -> dict:
+    """``model.generate`` (greedy) of ``tokens`` new tokens, probing memory; its tokens and timing."""
+    reset_peak(model.device)
+    started = time.perf_counter()
+    criteria = ProbeCriteria(probe, prompt.shape[1], deadline, started)
+    out = model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                         stopping_criteria=[criteria], return_dict_in_generate=True)
+    generated = out.sequences.shape[1] - prompt.shape[1]
+    seconds = time.perf_counter() - started
+    stored = max(out.past_key_values.stored_lengths)
+    probe.record("generate", generated, started, stored)
+    return {"tokens": out.sequences[0, prompt.shape[1] :].cpu(), "seconds": seconds, "generated": generated,
+            "stored": stored, "stopped_early": criteria.stopped_early}
+
+
+@torch.no_grad()
+def decode_loop(model, prompt: torch.Tensor, tokens: int, probe: MemoryProbe, deadline: float, graphs: bool) -> dict:
+    """Greedy decoding of ``tokens`` new tokens, one forward per token on static buffers, replayed as a CUDA
+    graph when ``graphs`` (the graph is captured in the steady state: once the cache evicts one token per
+    step, every step runs the same kernels on the same buffers; so it needs eviction with ``every=1``)."""
+    device = model.device
+    reset_peak(device)
+    cache = lc.LongCtxCache(model, kv=lc.patched_config(model).kv)
+    started = time.perf_counter()
+    out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    position = torch.tensor([[prompt.shape[1]]], device=device)
+    next_ids = out.logits[:, -1:].argmax(-1)
+    generated = torch.empty(tokens, dtype=torch.long, device=device)
+    counter = torch.zeros(1, dtype=torch.long, device=device)
+    takes_cache_position = "cache_position" in inspect.signature(model.base_model.forward).parameters  # 5.17
+    extra = {"cache_position": position[0]} if takes_cache_position else {}
+
+    def step() -> None:
+        logits = model(input_ids=next_ids, position_ids=position, past_key_values=cache, use_cache=True,
+                       logits_to_keep=1, **extra).logits
+        generated.index_copy_(0, counter, next_ids[0])
+        next_ids.copy_(logits[:, -1:].argmax(-1))
+        position.add_(1)
+        counter.add_(1)
+
+    steady = cache.kv is not None and cache.kv.budget is not None and cache.kv.every == 1
+    warmup = min(tokens, max(0, cache.kv.budget + 2 - prompt.shape[1]) + 3) if steady else 0
+    done, note, graph = 0, "eager loop", None
+    if graphs and not steady:
+        note = "eager loop: a CUDA graph needs eviction to a `budget` with every=1"
+    for _ in range(warmup):
+        step()
+        done += 1
+    if graphs and steady and device.type == "cuda" and done < tokens:
+        try:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):  # warm-up on a side stream, as CUDA graph capture requires
+                for _ in range(3):
+                    step()
+                    done += 1
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            note = "CUDA graph"
+        except Exception as error:  # noqa: BLE001 - any capture failure falls back to the eager loop, reported
+            return {"fallback": f"CUDA graph capture failed ({type(error).__name__}: {str(error).splitlines()[0]})"}
+    while done < tokens:
+        if graph is not None:
+            graph.replay()
+        else:
+            step()
+        done += 1
+        if done % probe.every == 0:
+            probe.record("loop", done, started, max(cache.stored_lengths))
+            if time.perf_counter() > deadline:
+                break
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
+    probe.record("loop", done, started, max(cache.stored_lengths))
+    return {"tokens": generated[:done].cpu(), "seconds": seconds, "generated": done,
+            "stored": max(cache.stored_lengths), "stopped_early": done < tokens, "note": note}
+
+
+def plot(path: Path, probe_rows: list[dict], buckets: dict[str, list], title: str) -> None:
+    """Two panels: memory (MiB) over generated tokens per run; perplexity over the stream position per model."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4), dpi=120)
+    memory, quality = fig.subplots(1, 2)
+    for run in dict.fromkeys(row["run"] for row in probe_rows):
+        rows = [row for row in probe_rows if row["run"] == run and row["max_allocated_mib"] is not None]
+        if rows:
+            tokens = [row["generated_tokens"] for row in rows]
+            memory.plot(tokens, [row["max_allocated_mib"] for row in rows], label=f"{run}: max")
+            memory.plot(tokens, [row["allocated_mib"] for row in rows], "--", label=f"{run}: current")
+    memory.set_xlabel("generated tokens")
+    memory.set_ylabel("CUDA memory allocated (MiB)")
+    memory.set_title("Memory during streaming generation")
+    memory.set_ylim(bottom=0)
+    for name, rows in buckets.items():
+        quality.plot([(a + b) / 2 for a, b, _ in rows], [p for _, _, p in rows], marker=".", label=name)
+    quality.set_yscale("log")
+    quality.set_xlabel("position in the held-out stream (tokens)")
+    quality.set_ylabel("perplexity (per bucket)")
+    quality.set_title("Held-out perplexity over the stream")
+    for ax in (memory, quality):
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="results directory")
+    parser.add_argument("--model", default="model_cards/longctx-target-20m")
+    parser.add_argument("--attention", default="sink:1020,4,positions=cache")
+    parser.add_argument("--kv", default="streaming")
+    parser.add_argument("--new-tokens", type=int, default=100_000, help="tokens of the long generation run")
+    parser.add_argument("--eager-tokens", type=int, default=3000, help="tokens generated through model.generate")
+    parser.add_argument("--probe-every", type=int, default=1000, help="generated tokens between memory probes")
+    parser.add_argument("--ppl-tokens", type=int, default=100_000, help="length of the held-out stream")
+    parser.add_argument("--chunk", type=int, default=512, help="stream tokens per forward")
+    parser.add_argument("--bucket", type=int, default=5000, help="stream tokens per perplexity point")
+    parser.add_argument("--no-stock", action="store_true", help="skip the stock model's pass over the stream")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="decode the long run eagerly")
+    parser.add_argument("--max-minutes", type=float, default=8.0, help="stop a generation run past this")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    begun = time.perf_counter()
+    deadline = begun + 60 * args.max_minutes
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    stream, distinct = heldout_stream(tokenizer, args.ppl_tokens)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, device_map=device).eval()
+    buckets = {}
+    if not args.no_stock:
+        nll = stream_nll(model, stream, args.chunk, DynamicCache(config=model.config))
+        buckets["stock (full cache)"] = bucket_perplexity(nll, args.bucket)
+    lc.patch(model, attention=args.attention, kv=args.kv)
+    config = lc.patched_config(model)
+    nll = stream_nll(model, stream, args.chunk, lc.LongCtxCache(model, kv=config.kv))
+    streaming_name = f"attention={args.attention}, kv={args.kv}"
+    buckets[streaming_name] = bucket_perplexity(nll, args.bucket)
+    streaming_ppl = math.exp(nll.mean().item())
+    print(f"held-out stream: {len(stream)} tokens (validation split: {distinct}), streaming perplexity "
+          f"{streaming_ppl:.3f}", flush=True)
+
+    probe = MemoryProbe(device, args.probe_every)
+    prompt = stream[None, :64].to(device)
+    eager = generate_eager(model, prompt, args.eager_tokens, probe, deadline)
+    print(f"generate: {eager['generated']} tokens in {eager['seconds']:.1f}s", flush=True)
+    long_run = decode_loop(model, prompt, args.new_tokens, probe, deadline, graphs=not args.no_cuda_graphs)
+    if "fallback" in long_run:
+        print(long_run["fallback"] + "; decoding eagerly", flush=True)
+        fallback = long_run["fallback"]
+        long_run = decode_loop(model, prompt, args.new_tokens, probe, deadline, graphs=False)
+        long_run["note"] = fallback
+    print(f"loop ({long_run['note']}): {long_run['generated']} tokens in {long_run['seconds']:.1f}s", flush=True)
+    if eager["stopped_early"] or long_run["stopped_early"]:
+        print(f"stopped early: --max-minutes {args.max_minutes} reached", flush=True)
+    compared = min(len(eager["tokens"]), len(long_run["tokens"]))
+    same = int((eager["tokens"][:compared] == long_run["tokens"][:compared]).cumprod(0).sum())
+
+    loop_rows = [row for row in probe.rows if row["run"] == "loop" and row["max_allocated_mib"] is not None]
+    at = {row["generated_tokens"]: row["max_allocated_mib"] for row in loop_rows}
+    checkpoint = ""
+    if 10_000 in at and args.new_tokens in at:
+        ratio = at[args.new_tokens] / at[10_000]
+        checkpoint = (f"max_memory_allocated after 10K generated tokens: {at[10_000]:.1f} MiB; after "
+                      f"{args.new_tokens // 1000}K: {at[args.new_tokens]:.1f} MiB (ratio {ratio:.4f}, "
+                      f"{'within' if abs(ratio - 1) <= 0.05 else 'NOT within'} 5%).")
+    cuda_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    versions = installed_versions("torch", "transformers", "triton")
+    first, last = buckets[streaming_name][0], buckets[streaming_name][-1]
+    repeated = f" (the {distinct} tokens of the validation split, repeated)" if len(stream) > distinct else ""
+    summary_rows = [
+        ["model.generate (greedy)", eager["generated"], f"{eager['seconds']:.1f}",
+         f"{1000 * eager['seconds'] / max(1, eager['generated']):.2f}", eager["stored"]],
+        [f"greedy loop ({long_run['note']})", long_run["generated"], f"{long_run['seconds']:.1f}",
+         f"{1000 * long_run['seconds'] / max(1, long_run['generated']):.3f}", long_run["stored"]],
+    ]
+    ppl_rows = [[name, *(f"{p:.2f}" for _, _, p in rows)] for name, rows in buckets.items()]
+    markdown = "\n".join([
+        "# Streaming generation on longctx-target-20m (trained at 1024 tokens)",
+        "",
+        f"Device {cuda_name}, {args.dtype}, versions {versions}. Patch: `attention={args.attention}`, "
+        f"`kv={args.kv}` -> {config.to_dict()}.",
+        "",
+        "## Memory",
+        "",
+        checkpoint or "(the 10K / final checkpoints were not both reached; see the CSV)",
+        "",
+        report.markdown_table(["run", "generated tokens", "seconds", "ms / token", "stored tokens per layer"],
+                              summary_rows),
+        "",
+        f"The greedy loop repeats the tokens of `model.generate` for the first {same} of {compared} tokens "
+        "(same weights, same cache; they part where bf16 rounding of two code paths ties differently).",
+        "",
+        "## Held-out perplexity through the streaming cache",
+        "",
+        f"{len(stream)} tokens of held-out text{repeated}, {args.chunk} tokens per forward: perplexity "
+        f"{streaming_ppl:.3f} overall; {first[2]:.2f} over tokens {first[0]}-{first[1]}, {last[2]:.2f} over "
+        f"{last[0]}-{last[1]}. Per {args.bucket}-token bucket (columns: its first token):",
+        "",
+        report.markdown_table(["model"] + [str(a) for a, _, _ in buckets[streaming_name]], ppl_rows),
+        "",
+        f"Total time {time.perf_counter() - begun:.0f}s.",
+    ])
+    write_csv(out / "streaming_generation_memory.csv", probe.rows)
+    write_csv(out / "streaming_generation_ppl.csv", [
+        {"model": name, "first_token": a, "end_token": b, "perplexity": round(p, 4)}
+        for name, rows in buckets.items() for a, b, p in rows
+    ])
+    (out / "streaming_generation.md").write_text(markdown + "\n")
+    plot(out / "streaming_generation.png", probe.rows, buckets,
+         f"longctx-target-20m, attention={args.attention}, kv={args.kv} ({cuda_name})")
+    print(f"\n{markdown}\n\nwrote {out}/streaming_generation.{{md,png}}, streaming_generation_{{memory,ppl}}.csv")
+    return 0
+
+
+def installed_versions(*names: str) -> dict[str, str]:
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Speculative decoding: the verification rules, greedy output identical to plain generate (tiny families and
+the reference target/draft pair, batch 1 and 4 with left padding), sampling's distribution (a two-sample test
+that a wrong acceptance rule fails), the patch, config.json, and bad input."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import FAMILIES, random_ids, tiny_model
+from transformers import AutoModelForCausalLM, LogitsProcessorList
+
+import hf_longctx as lc
+from hf_longctx.config import parse_feature
+from hf_longctx.speculative import DraftModel, common_acceptance, greedy_accept, sample_accept
+from hf_longctx.speculative import generate as spec_generate
+
+CARDS = Path(__file__).resolve().parent.parent / "model_cards"
+
+
+def left_padded(batch, length, vocab, seed=1):
+    """(ids, mask): random ids with rows 1 and 2 left-padded by 5 and 11 tokens."""
+    ids = torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    for row, pads in ((1, 5), (2, 11)):
+        if row < batch:
+            mask[row, :pads] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def speculative(model, draft, **kwargs):
+    spec = lc.Speculative(draft=draft, **{k: kwargs.pop(k) for k in ("num_draft_tokens", "threshold") if k in kwargs})
+    return model.generate(**kwargs, custom_generate=lc.speculative_generate, speculative=spec)
+
+
+# ---------------------------------------------------------------------------------------- the rules
+def test_greedy_accept_takes_the_longest_matching_prefix():
+    scores = torch.full((3, 4, 5), -1.0)
+    target = torch.tensor([[1, 2, 3, 4], [1, 0, 3, 4], [0, 2, 3, 4]])
+    scores.scatter_(-1, target[..., None], 1.0)
+    draft = torch.tensor([[1, 2, 3], [1, 2, 3], [1, 2, 3]])
+    accepted, next_token = greedy_accept(draft, scores)
+    assert accepted.tolist() == [3, 1, 0] and next_token.tolist() == [4, 0, 0]
+
+
+def test_common_acceptance_keeps_verified_tokens_of_every_row():
+    draft = torch.tensor([[5, 6, 7], [5, 8, 9], [1, 1, 1]])
+    accepted, next_token = torch.tensor([3, 1, 0]), torch.tensor([40, 41, 42])
+    n, tokens = common_acceptance(draft, accepted, next_token, active=torch.tensor([True, True, False]))
+    assert n == 1 and tokens.tolist() == [[5, 6], [5, 41], [1, 42]]  # row 0 keeps its accepted draft token 6
+
+
+def first_token_distribution(rule, p, q, samples=200_000):
+    """The distribution of the first token a rule emits after one draft token drawn from q (one row per sample)."""
+    generator = torch.Generator().manual_seed(0)
+    draft = torch.multinomial(q, samples, replacement=True, generator=generator)[:, None]
+    q_rows, p_rows = q.expand(samples, 1, -1), p.expand(samples, 2, -1)
+    accepted, next_token = rule(draft, q_rows, p_rows, generator)
+    first = torch.where(accepted > 0, draft[:, 0], next_token)
+    return torch.bincount(first, minlength=p.shape[0]).float() / samples
+
+
+def resample_from_p(draft_tokens, draft_probs, target_probs, generator=None):
+    """A wrong rule: after a rejection it draws from p instead of norm(max(p - q, 0))."""
+    accepted, _ = sample_accept(draft_tokens, draft_probs, target_probs, generator)
+    rows = torch.arange(draft_tokens.shape[0])
+    return accepted, torch.multinomial(target_probs[rows, accepted], 1, generator=generator)[:, 0]
+
+
+def test_rejection_sampling_gives_the_target_distribution_and_a_wrong_rule_does_not():
+    p, q = torch.tensor([0.6, 0.2, 0.1, 0.1]), torch.tensor([0.1, 0.2, 0.3, 0.4])
+    total_variation = lambda dist: 0.5 * (dist - p).abs().sum().item()  # noqa: E731
+    assert total_variation(first_token_distribution(sample_accept, p, q)) < 0.01
+    assert total_variation(first_token_distribution(resample_from_p, p, q)) > 0.1
+    assert total_variation(first_token_distribution(sample_accept, p, p)) < 0.01  # p == q: all accepted
+
+
+# ------------------------------------------------------------------------------ greedy is lossless
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_greedy_equals_generate_on_the_tiny_families(family):
+    model, draft = tiny_model(family), tiny_model(family, seed=5)
+    for batch in (1, 4):
+        ids, mask = left_padded(batch, 20, 96)
+        kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        expected = model.generate(**kwargs)
+        assert torch.equal(speculative(model, draft, num_draft_tokens=3, **kwargs), expected), batch
+
+
+def test_greedy_equals_generate_with_early_eos_and_adaptive_length():
+    model, draft = tiny_model("qwen2", vocab_size=8), tiny_model("qwen2", seed=3, vocab_size=8)
+    ids, mask = left_padded(4, 12, 8, seed=4)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False, eos_token_id=4)
+    expected = model.generate(**kwargs)
+    assert (expected[:, 12:] == 0).any() and (expected[:, -1] != 0).any()  # some rows finished early and were padded
+    assert torch.equal(speculative(model, draft, **kwargs), expected)
+    assert torch.equal(speculative(model, draft, num_draft_tokens="adaptive", threshold=0.3, **kwargs), expected)
+
+
+def test_the_target_as_its_own_draft_is_accepted_whole():
+    model, twin = tiny_model("llama"), tiny_model("llama")  # the same weights
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    kwargs = dict(input_ids=random_ids(1, 16), max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    expected = model.generate(**kwargs)
+    calls.clear()
+    assert torch.equal(speculative(model, twin, num_draft_tokens=4, **kwargs), expected)
+    assert len(calls) == 1 + 3  # the prefill (1 token), then 3 rounds of 4 drafts + 1, all accepted
+
+
+def test_greedy_equals_generate_on_the_reference_models():
+    model = AutoModelForCausalLM.from_pretrained(CARDS / "longctx-target-20m", dtype=torch.float32).eval()
+    draft = AutoModelForCausalLM.from_pretrained(CARDS / "longctx-draft-3m", dtype=torch.float32).eval()
+    for batch in (1, 4):
+        ids, mask = left_padded(batch, 24, 8192)
+        kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+        assert torch.equal(speculative(model, draft, **kwargs), model.generate(**kwargs)), batch
+
+
+def test_greedy_with_a_long_ctx_cache_and_an_evicting_draft():
+    model, draft = tiny_model("llama"), lc.patch(tiny_model("llama", seed=5), kv="streaming:budget=16,sink_tokens=4")
+    ids = random_ids(2, 40)
+    kwargs = dict(input_ids=ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    expected = model.generate(**kwargs)
+    spec = lc.Speculative(draft=draft, draft_kv="streaming:budget=16,sink_tokens=4")
+    got = model.generate(
+        **kwargs, past_key_values=lc.LongCtxCache(model), custom_generate=lc.speculative_generate, speculative=spec
+    )
+    assert torch.equal(got, expected)
+
+
+def test_adaptive_drafting_stops_under_the_threshold():
+    draft = tiny_model("llama", seed=5)  # a random model is never 99% sure
+    feature = lc.Speculative(draft=draft, num_draft_tokens="adaptive", threshold=0.99, max_draft_tokens=6)
+    drafter = DraftModel(draft, feature, vocab_size=96)
+    ids = random_ids(2, 10)
+    drafter.prefill(ids[:, :-1], None)
+    active = torch.ones(2, dtype=torch.bool)
+    tokens, probs = drafter.propose(ids, None, 6, LogitsProcessorList(), do_sample=False, active=active)
+    assert tokens.shape == (2, 1) and probs.shape == (2, 1, 96)
+
+
+# --------------------------------------------------------------------- sampling keeps the distribution
+def sharp_tiny(seed):
+    """A tiny llama with 8 tokens and sharpened (far from uniform) next-token distributions."""
+    model = tiny_model("llama", seed=seed, vocab_size=8)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)
+    return model
+
+
+def second_token_distribution(generate, rows=3000, seed=0):
+    """The distribution of the second new token, the first one drafted (the first comes from the prefill)."""
+    ids = torch.tensor([[5, 3, 7, 4, 6]]).expand(rows, -1)
+    torch.manual_seed(seed)
+    out = generate(input_ids=ids, max_new_tokens=3, min_new_tokens=3, do_sample=True)
+    return torch.bincount(out[:, -2], minlength=8).float() / rows
+
+
+def test_sampling_two_sample_test(monkeypatch):
+    model, draft = sharp_tiny(0), sharp_tiny(3)
+    expected = second_token_distribution(model.generate, seed=1)
+    ours = second_token_distribution(lambda **kw: speculative(model, draft, **kw), seed=2)
+    monkeypatch.setattr(spec_generate, "sample_accept", resample_from_p)
+    wrong = second_token_distribution(lambda **kw: speculative(model, draft, **kw), seed=2)
+    total_variation = lambda dist: 0.5 * (dist - expected).abs().sum().item()  # noqa: E731
+    assert total_variation(ours) < 0.05 and total_variation(wrong) > 0.1  # same-distribution noise: about 0.02
+
+
+# ------------------------------------------------------------------------- patch, config, bad input
+def test_patch_routes_generate_and_unpatch_restores_it():
+    model, draft = tiny_model("llama"), tiny_model("llama", seed=5)
+    kwargs = dict(input_ids=random_ids(1, 12), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    expected = model.generate(**kwargs)
+    calls = []
+    draft.register_forward_hook(lambda *args: calls.append(1))
+    lc.patch(model, speculative=lc.Speculative(draft=draft))
+    assert torch.equal(model.generate(**kwargs), expected) and calls
+    assert model.config.longctx["speculative"]["draft"] is None  # built in memory: no name to record
+    lc.unpatch(model)
+    assert "generate" not in model.__dict__ and "longctx" not in model.config.__dict__
+
+
+def test_a_draft_built_in_memory_cannot_be_reloaded_from_config(tmp_path):
+    model = lc.patch(tiny_model("llama"), speculative=lc.Speculative(draft=tiny_model("llama", seed=5)))
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="`draft` is None.*built in memory.*lc.Speculative\\(draft="):
+        lc.from_pretrained(tmp_path)
+
+
+def test_a_draft_by_path_round_trips():
+    path = str(CARDS / "longctx-draft-3m")
+    model = AutoModelForCausalLM.from_pretrained(CARDS / "longctx-target-20m", dtype=torch.float32)
+    lc.patch(model, speculative=f"draft:{path},3")
+    data = model.config.longctx["speculative"]
+    assert data["type"] == "draft" and data["draft"] == path and data["num_draft_tokens"] == 3
+    assert parse_feature("speculative", data) == lc.Speculative(draft=path, num_draft_tokens=3)
+    ids = torch.randint(3, 8192, (1, 10), generator=torch.Generator().manual_seed(0))
+    got = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(got, lc.unpatch(model).generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False))
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"num_draft_tokens": 0}, "`num_draft_tokens` must be an integer >= 1"),
+        ({"num_draft_tokens": "fast"}, "`num_draft_tokens` must be an integer >= 1"),
+        ({"threshold": 0}, r"`threshold` must be a number in \(0, 1\)"),
+        ({"threshold": 1.0}, r"`threshold` must be a number in \(0, 1\)"),
+        ({"max_draft_tokens": 0}, "`max_draft_tokens` must be an integer >= 1"),
+        ({"draft": 3}, "`draft` must be 'self'"),
+    ],
+)
+def test_bad_parameters_are_value_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        lc.Speculative(**kwargs)
+
+
+def test_a_draft_with_another_vocabulary_is_refused():
+    model, draft = tiny_model("llama"), tiny_model("llama", vocab_size=128)
+    with pytest.raises(ValueError, match=r"`draft` vocabulary size \(128\) differs from the target's \(96\)"):
+        speculative(model, draft, input_ids=random_ids(1, 8), max_new_tokens=4)
+
+
+def test_self_speculation_is_refused_until_built_and_leaves_the_model_unpatched():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="draft='self'.*not built yet"):
+        lc.patch(model, speculative="self")
+    assert lc.patched_config(model) is None and "generate" not in model.__dict__
+    with pytest.raises(ValueError, match="its fields make it a 'self' feature"):
+        parse_feature("speculative", "draft")

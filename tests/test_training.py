@@ -1,0 +1,206 @@
+"""hf_longctx.training (presets, Dataset Decomposition batching and its Trainer hook, the E2-LLM collator) and
+the training-time shifted sparse attention (``longctx_s2``)."""
+
+import importlib.util
+from collections import Counter
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import TrainingArguments
+
+import hf_longctx as lc
+from hf_longctx.attention.s2 import shifted_sparse_attention
+from hf_longctx.config import LongCtxConfig, ShiftedSparseAttention
+from hf_longctx.rope.augment import E2LLMAugmentation
+from hf_longctx.training import (
+    BatchSamplerTrainer,
+    DecomposedDataset,
+    E2LLMCollator,
+    LengthBucketBatchSampler,
+    decompose,
+    longlora_peft_config,
+    qlora,
+)
+from tests.tiny_models import random_ids, tiny_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models train tens of times faster on one intra-op thread than on contended CPU cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_longlora_config_trains_adapters_embeddings_and_norms():
+    model = get_peft_model(tiny_model("llama"), longlora_peft_config(r=4))
+    trainable = [name for name, param in model.named_parameters() if param.requires_grad]
+    for part in ("q_proj.lora_A", "k_proj.lora_B", "v_proj.lora_A", "o_proj.lora_B", "embed_tokens",
+                 "input_layernorm", "post_attention_layernorm", "model.norm"):
+        assert any(part in name for name in trainable), part
+    assert not any("mlp" in name for name in trainable)
+    assert lc.training is __import__("hf_longctx.training").training
+
+
+@pytest.mark.parametrize("bad", [dict(r=0), dict(lora_alpha=0), dict(lora_dropout=1.0)])
+def test_longlora_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        longlora_peft_config(**bad)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")
+def test_qlora_without_bitsandbytes_names_the_extra():
+    with pytest.raises(ImportError, match=r"hf-longctx\[qlora\]"):
+        qlora("any/model")
+
+
+def test_decompose_follows_binary_expansion():
+    assert decompose(13, 8) == [8, 4, 1]
+    assert decompose(40, 16) == [16, 16, 8]
+    assert decompose(0, 8) == []
+
+
+def test_decomposed_dataset_keeps_documents_apart():
+    documents = [list(range(100, 113)), list(range(200, 240))]
+    dataset = DecomposedDataset(documents, min_length=4, max_length=16)
+    assert dataset.lengths == [8, 4, 16, 16, 8]  # 13 = 8 + 4 (+ 1 dropped), 40 = 16 + 16 + 8
+    assert dataset[1]["input_ids"].tolist() == list(range(108, 112))
+    assert dataset[4]["labels"].tolist() == list(range(232, 240))
+    with pytest.raises(ValueError, match="min_length"):
+        DecomposedDataset(documents, min_length=3, max_length=16)
+    with pytest.raises(ValueError, match="min_length"):
+        DecomposedDataset(documents, min_length=32, max_length=16)
+
+
+def test_sampler_batches_have_constant_tokens_and_cover_the_epoch():
+    lengths = [4] * 10 + [8] * 9 + [16] * 4
+    sampler = LengthBucketBatchSampler(lengths, tokens_per_batch=16, seed=3)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 10 // 4 + 9 // 2 + 4
+    for batch in batches:
+        assert sum(lengths[i] for i in batch) == 16 and len({lengths[i] for i in batch}) == 1
+    used = [i for batch in batches for i in batch]
+    assert len(used) == len(set(used))
+    assert list(sampler) == batches  # same epoch, same order
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+
+
+def test_sampler_curriculum_orders_buckets():
+    lengths = [4] * 40 + [16] * 10
+    short_first = LengthBucketBatchSampler(lengths, 16, curriculum={16: 0.0})
+    sizes = [len(batch) for batch in short_first]
+    assert sizes == [4] * 10 + [1] * 10  # weight 0 holds the long bucket back until the short one runs out
+    growing = LengthBucketBatchSampler(lengths, 16, curriculum=lambda progress: {4: 1 - progress, 16: progress})
+    assert Counter(len(batch) for batch in growing) == {4: 10, 1: 10}
+    with pytest.raises(ValueError, match="curriculum"):
+        list(LengthBucketBatchSampler(lengths, 16, curriculum={4: -1.0}))
+
+
+@pytest.mark.parametrize("lengths, tokens", [([4, 6], 16), ([32], 16), ([4], 12)])
+def test_sampler_rejects_bad_lengths(lengths, tokens):
+    with pytest.raises(ValueError, match="lengths|tokens_per_batch"):
+        LengthBucketBatchSampler(lengths, tokens)
+
+
+def test_batch_sampler_trainer_trains_on_buckets(tmp_path):
+    documents = [random_ids(1, n, seed=n)[0] for n in (40, 24, 56, 16, 32)]
+    dataset = DecomposedDataset(documents, min_length=8, max_length=32)
+    sampler = LengthBucketBatchSampler(dataset.lengths, tokens_per_batch=32, seed=0)
+    seen = []
+
+    model = lc.patch(tiny_model("llama"), attention="sink:4096")
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(tuple(kwargs["input_ids"].shape)),
+                                    with_kwargs=True)
+    args = TrainingArguments(output_dir=str(tmp_path), num_train_epochs=1, learning_rate=1e-3, logging_steps=1,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trainer = BatchSamplerTrainer(model=model, args=args, train_dataset=dataset, batch_sampler=sampler)
+    trainer.train()
+    assert len(seen) == len(sampler) == trainer.state.global_step
+    assert all(batch * length == 32 for batch, length in seen)
+    assert len({length for _, length in seen}) > 1
+
+
+def test_e2llm_collator_augments_positions():
+    augmentation = E2LLMAugmentation(max_position=64, scales=(2.0,))
+    collator = E2LLMCollator(augmentation, seed=0)
+    features = [{"input_ids": ids, "labels": ids} for ids in random_ids(3, 16)]
+    batch = collator(features)
+    assert batch["position_ids"].shape == (3, 16) and batch["position_ids"].dtype == torch.float32
+    assert bool(batch["attention_mask"].all())
+    assert bool((batch["position_ids"].diff(dim=1) > 0).all())
+    loss = tiny_model("llama").train()(**batch).loss  # sdpa trains on it
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="position_ids"):
+        E2LLMCollator(augmentation, base=lambda f: {"input_ids": random_ids(1, 8), "position_ids": None})(features)
+
+
+def _dense_s2(query, key, value, group: int, sinks: int) -> torch.Tensor:
+    """Oracle: full masked softmax; head h sees its (shifted, for the second half of heads) group and the sinks."""
+    heads, length, dim = query.shape[1], query.shape[2], query.shape[3]
+    key, value = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (key, value))
+    i = torch.arange(length)
+    outs = []
+    for head in range(heads):
+        shift = group // 2 if head >= heads // 2 else 0
+        same = (i[:, None] + shift) // group == (i[None, :] + shift) // group
+        visible = (same | (i[None, :] < sinks)) & (i[None, :] <= i[:, None])
+        scores = (query[:, head] @ key[:, head].transpose(-1, -2) * dim**-0.5).masked_fill(~visible, float("-inf"))
+        outs.append(torch.softmax(scores, dim=-1) @ value[:, head])
+    return torch.stack(outs, dim=1)
+
+
+@pytest.mark.parametrize("shorthand, sinks", [("s2:8", 0), ("s2_sink:8,3", 3), ("s2_sink:8,6", 6)])
+def test_shifted_sparse_attention_matches_masked_softmax(shorthand, sinks):
+    feature = LongCtxConfig(attention=shorthand).attention
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 4, 32, 8, generator=generator, requires_grad=True)
+    key, value = (torch.randn(2, 2, 32, 8, generator=generator, requires_grad=True) for _ in range(2))
+    out = shifted_sparse_attention(query, key, value, feature=feature)
+    expected = _dense_s2(query, key, value, group=8, sinks=sinks)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    cotangent = torch.randn_like(out, generator=generator)
+    grads = torch.autograd.grad(out, (query, key, value), cotangent)
+    for grad, expected_grad in zip(grads, torch.autograd.grad(expected, (query, key, value), cotangent)):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_shifted_sparse_attention_rejects_bad_lengths():
+    query = key = value = torch.zeros(1, 2, 20, 4)
+    with pytest.raises(ValueError, match="multiple of `group_size` \\(8\\)"):
+        shifted_sparse_attention(query, key, value, feature=ShiftedSparseAttention(group_size=8))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        shifted_sparse_attention(query, key, value, feature=ShiftedSparseAttention())
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        shifted_sparse_attention(query, key[:, :1], value[:, :1], feature=ShiftedSparseAttention(group_size=4))
+
+
+@pytest.mark.parametrize("bad, match", [("s2:7", "even"), ("s2:8,2", "misplaced"), ("s2:sink_tokens=2", "s2_sink"),
+                                        ("s2_sink:8,0", "sink_tokens"), ("s2:window=0", "window")])
+def test_s2_config_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        LongCtxConfig(attention=bad)
+
+
+def test_s2_trains_sparse_and_infers_dense():
+    ids = random_ids(2, 32)
+    stock = tiny_model("qwen3")
+    model = lc.patch(tiny_model("qwen3"), attention="s2:8")
+    assert model.config._attn_implementation == "longctx_s2"
+    torch.testing.assert_close(model(ids).logits, stock(ids).logits, rtol=1e-5, atol=1e-5)  # eval: dense
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() != pytest.approx(stock(input_ids=ids, labels=ids).loss.item())
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(ValueError, match="multiple of `group_size`"):
+        model(input_ids=ids[:, :30], labels=ids[:, :30])
+
+
+def test_s2_sink_infers_with_sink_attention():
+    ids = random_ids(1, 40)
+    model = lc.patch(tiny_model("llama"), attention="s2_sink:group_size=8,sink_tokens=2,window=16")
+    expected = lc.patch(tiny_model("llama"), attention="sink:16,2")(ids).logits
+    torch.testing.assert_close(model(ids).logits, expected)
