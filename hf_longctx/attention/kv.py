@@ -35,7 +35,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 from ..config import SinkAttention, parse_feature
-from .sink import module_inv_freq, packed_segments, sink_attention
+from .sink import check_call, module_inv_freq, packed_segments, sink_attention
 
 KV_ATTENTION_NAME = "longctx_kv"
 
@@ -89,13 +89,7 @@ def kv_attention_forward(
     Returns:
         ((B, Sq, H, D) contiguous, None).
     """
-    if dropout:
-        raise ValueError(f"{KV_ATTENTION_NAME} does not implement attention dropout; got dropout={dropout}")
-    if attention_mask is not None and attention_mask.dim() != 2:
-        raise ValueError(
-            f"{KV_ATTENTION_NAME} takes a 2D (batch, kv_length) padding mask, got attention_mask of shape "
-            f"{tuple(attention_mask.shape)}"
-        )
+    check_call(KV_ATTENTION_NAME, dropout, attention_mask)
     layer = claim(key)
     kv_valid = attention_mask if layer is None else layer.observe(query, key, attention_mask, scaling, softcap)
     batch, _, q_len, _ = query.shape

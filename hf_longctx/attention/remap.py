@@ -25,7 +25,7 @@ from ..config import RopeScaling, parse_feature
 from ..kernels import reference_remap
 from ..kernels.reference_remap import RemapScheme
 from ..rope.frequencies import default_inv_freq, rotary_dim
-from .sink import packed_segments, sink_attention_forward
+from .sink import check_call, packed_segments, sink_attention_forward
 
 REMAP_ATTENTION_NAME = "longctx_rope_remap"
 _SCALED_LAYER_TYPE = "full_attention"  # the layers of a per-layer-type rope (Gemma 3) that are remapped
@@ -110,15 +110,9 @@ def rope_remap_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
             sliding_window=sliding_window, softcap=softcap, s_aux=s_aux, position_ids=position_ids,
         )
-    if dropout:
-        raise ValueError(f"{REMAP_ATTENTION_NAME} does not implement attention dropout; got dropout={dropout}")
+    check_call(REMAP_ATTENTION_NAME, dropout, attention_mask)
     if s_aux is not None:
         raise ValueError(f"{REMAP_ATTENTION_NAME} does not support learned sink logits (s_aux)")
-    if attention_mask is not None and attention_mask.dim() != 2:
-        raise ValueError(
-            f"{REMAP_ATTENTION_NAME} takes a 2D (batch, kv_length) padding mask, got attention_mask of shape "
-            f"{tuple(attention_mask.shape)}"
-        )
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
     out = remap_attention(

@@ -26,7 +26,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 from ..config import ShiftedSparseAttention, SinkAttention, parse_feature
-from .sink import module_inv_freq, packed_segments, sink_attention, sink_window_attention
+from .sink import check_call, module_inv_freq, packed_segments, sink_attention, sink_window_attention
 
 S2_ATTENTION_NAME = "longctx_s2"
 
@@ -164,13 +164,7 @@ def s2_attention_forward(
     Returns:
         ((B, Sq, H, D) contiguous, None).
     """
-    if dropout:
-        raise ValueError(f"longctx_s2 does not implement attention dropout; got dropout={dropout}")
-    if attention_mask is not None and attention_mask.dim() != 2:
-        raise ValueError(
-            f"longctx_s2 takes a 2D (batch, kv_length) padding mask, got attention_mask of shape "
-            f"{tuple(attention_mask.shape)}"
-        )
+    check_call(S2_ATTENTION_NAME, dropout, attention_mask)
     feature = s2_parameters(module.config)
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]

@@ -65,6 +65,18 @@ def module_inv_freq(module: torch.nn.Module, device: torch.device) -> torch.Tens
     return cached[1]
 
 
+def check_call(name: str, dropout: float, attention_mask: torch.Tensor | None) -> None:
+    """Refuse what no longctx attention function implements: attention dropout, and any mask other than
+    None or the 2D (batch, kv_length) padding mask that ``flash_attention_mask`` hands over."""
+    if dropout:
+        raise ValueError(f"{name} does not implement attention dropout; got dropout={dropout}")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            f"{name} takes a 2D (batch, kv_length) padding mask, got attention_mask of shape "
+            f"{tuple(attention_mask.shape)}"
+        )
+
+
 def packed_segments(
     position_ids: torch.Tensor | None, batch_size: int, q_len: int, kv_len: int
 ) -> torch.Tensor | None:
@@ -261,13 +273,7 @@ def sink_attention_forward(
     Returns:
         ((B, Sq, H, D) contiguous, None).
     """
-    if dropout:
-        raise ValueError(f"longctx_sink does not implement attention dropout; got dropout={dropout}")
-    if attention_mask is not None and attention_mask.dim() != 2:
-        raise ValueError(
-            f"longctx_sink takes a 2D (batch, kv_length) padding mask, got attention_mask of shape "
-            f"{tuple(attention_mask.shape)}"
-        )
+    check_call(ATTENTION_NAME, dropout, attention_mask)
     if sliding_window is not None:
         feature = SinkAttention(sink_tokens=0, window=sliding_window)
     else:
