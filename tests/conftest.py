@@ -1,6 +1,7 @@
 """Test-suite wiring: the `cuda` and `interpreter` markers.
 
 - `cuda` tests need a GPU; without one they are skipped (CI deselects them with -m "not cuda").
+- Every test module runs torch on one intra-op thread (`one_thread`): tiny models lose to thread contention.
 - Tests in modules named `test_*_kernel.py` exercise Triton kernels; they are marked `interpreter`
   and `make test` runs them in a second pytest process with TRITON_INTERPRET=1 (the variable must be
   set before triton is imported).
@@ -10,6 +11,15 @@ import os
 
 import pytest
 import torch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run tens of times faster on one intra-op thread than on contended CPU cores; restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -22,13 +22,6 @@ FP32_TOL = dict(rtol=1e-4, atol=1e-5)
 BF16_TOL = dict(rtol=5e-2, atol=5e-2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train tens of times faster on one intra-op thread than on contended CPU cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def train(model, batches: list[torch.Tensor], lr: float = 1e-3) -> tuple[list[float], dict[str, torch.Tensor]]:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 from huggingface_hub import HfApi, ModelCard
-from test_eval import one_thread, save_checkpoint  # noqa: F401 (one_thread is an autouse fixture)
+from test_eval import save_checkpoint
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_longctx.eval import PerplexityResult, RetrievalResult, save_result

@@ -25,13 +25,6 @@ from hf_longctx.training import (
 from tests.tiny_models import random_ids, tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train tens of times faster on one intra-op thread than on contended CPU cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_longlora_config_trains_adapters_embeddings_and_norms():
