@@ -342,6 +342,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--token-cache", default=None, help="file to reuse the tokenized corpus from")
     parser.add_argument("--model-overrides", type=json.loads, default={}, help="JSON dict of config fields")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--attention", default="softmax",
+                        help='"softmax" (stock sdpa) or an hf-longctx attention feature patched in before training, '
+                             'e.g. "softplus" (LSSAR) or "softplus:reweight=false" (LSSA); saved in config.json')
     args = parser.parse_args(argv)
     if not 0.0 <= args.passkey_fraction < 1.0:
         parser.error(f"--passkey-fraction must be in [0, 1), got {args.passkey_fraction}")
@@ -355,6 +358,10 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     config = model_config(args.model, tokenizer, args.seq_len, args.model_overrides)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    if args.attention != "softmax":
+        import hf_longctx as lc
+
+        lc.patch(model, attention=args.attention)  # writes config.longctx, so the saved model re-applies it
     parameters = sum(p.numel() for p in model.parameters())
     print(f"model {args.model}: {parameters:,} parameters ({parameters / 1e6:.2f} M, tied embedding "
           f"{config.vocab_size * config.hidden_size / 1e6:.2f} M)")

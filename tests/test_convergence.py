@@ -5,15 +5,21 @@ attention (the PyTorch reference on the CPU, the Triton kernel with its backward
 same model on stock sdpa: same loss at every AdamW step and the same final gradients, within the tolerance of
 the dtype. Covered: a plain model, gradient checkpointing, a PEFT LoRA-wrapped model, ``transformers.Trainer``
 and packed batches from ``DataCollatorWithFlattening`` (our attention keeps the documents apart).
+
+Training-time shifted sparse attention (``s2`` / ``s2_sink``) has no stock counterpart: a model patched with it
+must train like the same model on an oracle attention function, a dense masked softmax with each head's
+(shifted) group and sink mask (``tests.test_training.dense_s2``).
 """
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch.utils.data import Dataset
-from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
+from transformers import AttentionInterface, DataCollatorWithFlattening, Trainer, TrainingArguments
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 import hf_longctx as lc
+from tests.test_training import dense_s2
 from tests.tiny_models import random_ids, tiny_model
 
 STEPS = 10
@@ -140,6 +146,56 @@ def test_packed_documents_stay_apart():
         torch.testing.assert_close(packed_grads[name], param.grad, **FP32_TOL)
 
 
+S2_GROUP, S2_SINKS = 16, 3  # 48-token batches: 3 groups; the shifted half has 4 (the outer two half-empty)
+S2_ORACLE = "test_s2_oracle"
+
+
+def s2_oracle_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Registry-signature attention: ``dense_s2`` in training, dense causal in eval mode (as ``longctx_s2``)."""
+    assert attention_mask is None and dropout == 0.0 and scaling == query.shape[-1] ** -0.5
+    if module.training:
+        out = dense_s2(query, key, value, group=S2_GROUP, sinks=S2_SINKS)
+    else:
+        out = dense_s2(query, key, value, group=query.shape[2], sinks=0)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def s2_pair(family: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """Training results of the oracle model and of the same model patched with s2_sink (our attention)."""
+    AttentionInterface.register(S2_ORACLE, s2_oracle_attention)
+    AttentionMaskInterface.register(S2_ORACLE, flash_attention_mask)
+    data = batches(device)
+    oracle = tiny_model(family, attn_implementation=S2_ORACLE).to(device=device, dtype=dtype)
+    reference = train(oracle, data)
+    model = tiny_model(family).to(device=device, dtype=dtype)
+    patched = train(lc.patch(model, attention=f"s2_sink:{S2_GROUP},{S2_SINKS}"), data)
+    return reference, patched
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_s2_sink_training_matches_masked_oracle(family):
+    reference, patched = s2_pair(family)
+    assert_same_training(reference, patched, FP32_TOL)
+    dense = train(tiny_model(family), batches())
+    assert abs(dense[0][-1] - patched[0][-1]) > 1e-3  # the sparse pattern changes training (not dense)
+
+
+def assert_close_training_bf16(reference, patched) -> None:
+    """bf16 losses within BF16_TOL; every gradient within 10% relative (Frobenius) error."""
+    torch.testing.assert_close(torch.tensor(patched[0]), torch.tensor(reference[0]), **BF16_TOL)
+    assert patched[1].keys() == reference[1].keys() and patched[1]
+    for name, grad in patched[1].items():
+        error = (grad - reference[1][name]).norm() / reference[1][name].norm().clamp(min=1e-6)
+        assert error < 0.1, f"{name}: relative gradient error {error:.3g}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_s2_sink_training_matches_masked_oracle_bf16_cuda(family):
+    """bf16 on the GPU: s2_sink through the Triton kernel (forward and backward) trains like the oracle."""
+    assert_close_training_bf16(*s2_pair(family, "cuda", torch.bfloat16))
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_training_matches_sdpa_bf16_cuda(family):
@@ -148,9 +204,4 @@ def test_training_matches_sdpa_bf16_cuda(family):
     def build():
         return tiny_model(family).to(device="cuda", dtype=torch.bfloat16)
 
-    reference, patched = both(build, lambda m: train(m, batches("cuda")))
-    ref_losses, losses = reference[0], patched[0]
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), **BF16_TOL)
-    for name, grad in patched[1].items():
-        error = (grad - reference[1][name]).norm() / reference[1][name].norm().clamp(min=1e-6)
-        assert error < 0.1, f"{name}: relative gradient error {error:.3g}"
+    assert_close_training_bf16(*both(build, lambda m: train(m, batches("cuda"))))

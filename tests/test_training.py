@@ -2,12 +2,15 @@
 the training-time shifted sparse attention (``longctx_s2``)."""
 
 import importlib.util
+import json
+import math
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 from peft import get_peft_model
-from transformers import TrainingArguments
+from transformers import DataCollatorWithFlattening, TrainingArguments
 
 import hf_longctx as lc
 from hf_longctx.attention.s2 import shifted_sparse_attention
@@ -130,16 +133,21 @@ def test_e2llm_collator_augments_positions():
         E2LLMCollator(augmentation, base=lambda f: {"input_ids": random_ids(1, 8), "position_ids": None})(features)
 
 
-def _dense_s2(query, key, value, group: int, sinks: int) -> torch.Tensor:
-    """Oracle: full masked softmax; head h sees its (shifted, for the second half of heads) group and the sinks."""
+def dense_s2(query, key, value, group: int, sinks: int, segments: torch.Tensor | None = None) -> torch.Tensor:
+    """Oracle: full masked softmax; head h sees its (shifted, for the second half of heads) group and the sinks,
+    within its own packed document when ``segments`` (B, S) is given.
+
+    query: (B, H, S, D); key, value: (B, H_kv, S, D). Returns (B, H, S, D). Also the convergence tests' oracle."""
     heads, length, dim = query.shape[1], query.shape[2], query.shape[3]
     key, value = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (key, value))
-    i = torch.arange(length)
+    i = torch.arange(length, device=query.device)
     outs = []
     for head in range(heads):
         shift = group // 2 if head >= heads // 2 else 0
         same = (i[:, None] + shift) // group == (i[None, :] + shift) // group
         visible = (same | (i[None, :] < sinks)) & (i[None, :] <= i[:, None])
+        if segments is not None:
+            visible = visible & (segments[:, :, None] == segments[:, None, :])  # (B, S, S)
         scores = (query[:, head] @ key[:, head].transpose(-1, -2) * dim**-0.5).masked_fill(~visible, float("-inf"))
         outs.append(torch.softmax(scores, dim=-1) @ value[:, head])
     return torch.stack(outs, dim=1)
@@ -152,12 +160,69 @@ def test_shifted_sparse_attention_matches_masked_softmax(shorthand, sinks):
     query = torch.randn(2, 4, 32, 8, generator=generator, requires_grad=True)
     key, value = (torch.randn(2, 2, 32, 8, generator=generator, requires_grad=True) for _ in range(2))
     out = shifted_sparse_attention(query, key, value, feature=feature)
-    expected = _dense_s2(query, key, value, group=8, sinks=sinks)
+    expected = dense_s2(query, key, value, group=8, sinks=sinks)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     cotangent = torch.randn_like(out, generator=generator)
     grads = torch.autograd.grad(out, (query, key, value), cotangent)
     for grad, expected_grad in zip(grads, torch.autograd.grad(expected, (query, key, value), cotangent)):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_shifted_sparse_attention_keeps_packed_documents_apart():
+    generator = torch.Generator().manual_seed(1)
+    query = torch.randn(2, 4, 32, 8, generator=generator, requires_grad=True)
+    key, value = (torch.randn(2, 2, 32, 8, generator=generator, requires_grad=True) for _ in range(2))
+    segments = torch.tensor([[0] * 5 + [1] * 14 + [2] * 13, [0] * 20 + [1] * 12])  # documents straddle groups
+    out = shifted_sparse_attention(query, key, value, feature=ShiftedSparseAttention(group_size=8),
+                                   segment_ids=segments)
+    expected = dense_s2(query, key, value, group=8, sinks=0, segments=segments)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    cotangent = torch.randn_like(out, generator=generator)
+    grads = torch.autograd.grad(out, (query, key, value), cotangent)
+    for grad, expected_grad in zip(grads, torch.autograd.grad(expected, (query, key, value), cotangent)):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="packed sequences"):
+        shifted_sparse_attention(query, key, value, feature=LongCtxConfig(attention="s2_sink:8,2").attention,
+                                 segment_ids=segments)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shorthand, sinks, packed", [("s2:64", 0, True), ("s2_sink:64,4", 4, False)])
+def test_shifted_sparse_attention_triton_bf16_cuda(shorthand, sinks, packed):
+    """The Triton path (forward and backward, bf16) against the fp32 oracle, with packed documents for s2."""
+    generator = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, h, 256, 64, generator=generator) for h in (8, 2, 2))
+    segments = torch.tensor([[0] * 40 + [1] * 100 + [2] * 116, [0] * 256]) if packed else None
+    inputs = [x.cuda().bfloat16().requires_grad_() for x in (q, k, v)]
+    out = shifted_sparse_attention(*inputs, feature=LongCtxConfig(attention=shorthand).attention,
+                                   segment_ids=None if segments is None else segments.cuda())
+    reference = [x.clone().requires_grad_() for x in (q, k, v)]
+    expected = dense_s2(*reference, group=64, sinks=sinks, segments=segments)
+    torch.testing.assert_close(out.float().cpu(), expected, rtol=2e-2, atol=2e-2)
+    cotangent = torch.randn(expected.shape, generator=generator)
+    grads = torch.autograd.grad(out, inputs, cotangent.cuda().bfloat16())
+    for grad, expected_grad in zip(grads, torch.autograd.grad(expected, reference, cotangent)):
+        error = (grad.float().cpu() - expected_grad).norm() / expected_grad.norm()
+        assert error < 2e-2, f"relative gradient error {error:.3g}"
+
+
+def test_s2_trains_on_packed_batches():
+    """A DataCollatorWithFlattening batch through a model patched with s2: documents do not see each other."""
+    documents = [random_ids(1, length, seed=length)[0].tolist() for length in (13, 30, 21)]  # 64 tokens
+    packed = DataCollatorWithFlattening(return_tensors="pt")([{"input_ids": ids} for ids in documents])
+    model = lc.patch(tiny_model("llama"), attention="s2:16").train()
+    loss = model(**packed).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.model.embed_tokens.weight.grad.abs().sum() > 0
+    # the second document (tokens 13..42) shares the group [32, 48) with the third (43..63): changing it leaves the
+    # third one's logits as they were when packed, and moves them when the row is read as one sequence
+    other = packed["input_ids"].clone()
+    other[0, 13:43] = (other[0, 13:43] + 1) % 90 + 3
+    third = slice(43, 64)
+    torch.testing.assert_close(model(input_ids=other, position_ids=packed["position_ids"]).logits[0, third],
+                               model(**packed).logits[0, third])
+    unpacked = model(input_ids=packed["input_ids"]).logits[0, third]
+    assert not torch.allclose(model(input_ids=other).logits[0, third], unpacked)
 
 
 def test_shifted_sparse_attention_rejects_bad_lengths():
@@ -197,3 +262,37 @@ def test_s2_sink_infers_with_sink_attention():
     model = lc.patch(tiny_model("llama"), attention="s2_sink:group_size=8,sink_tokens=2,window=16")
     expected = lc.patch(tiny_model("llama"), attention="sink:16,2")(ids).logits
     torch.testing.assert_close(model(ids).logits, expected)
+
+
+def test_extend_context_recipe_full_finetune(tmp_path):
+    """recipes/extend_context.py end to end on the CPU: s2_sink + linear RoPE, full fine-tuning, passkey blocks;
+    it writes a bf16 model that re-applies its patch, the loss curve and the card."""
+    from tests.test_corpus_and_pretrain import load_recipe
+
+    out = tmp_path / "run"
+    root = Path(__file__).resolve().parents[1]
+    load_recipe("pretrain")  # extend_context imports it from the recipes folder
+    load_recipe("extend_context").main([
+        "--model", str(root / "model_cards/longctx-target-20m"), "--output", str(out), "--seq-len", "128",
+        "--rope", "linear:2", "--attention", "s2_sink", "--full-finetune", "--no-gradient-checkpointing",
+        "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--logging-steps", "1",
+        "--roots", str(root / "hf_longctx" / "training"), "--passkey-fraction", "0.3"])
+    curve = json.loads((out / "loss_curve.json").read_text())
+    losses = [row["loss"] for row in curve["log_history"] if "loss" in row]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    assert curve["passkey_blocks"] > 0 and "full fine-tuning" in curve["description"]
+    assert "tokens_per_s" in curve["log_history"][0]
+    config = json.loads((out / "config.json").read_text())
+    assert config["longctx"]["attention"]["type"] == "s2_sink" and config["dtype"] == "bfloat16"
+    assert "s2_sink" in (out / "README.md").read_text()
+    assert not (out / "adapter").exists()
+
+
+def test_extend_context_rejects_full_finetune_with_qlora(capsys):
+    from tests.test_corpus_and_pretrain import load_recipe
+
+    load_recipe("pretrain")
+    with pytest.raises(SystemExit):
+        load_recipe("extend_context").parse_args(["--model", "m", "--output", "o", "--seq-len", "64",
+                                                  "--full-finetune", "--qlora"])
+    assert "--full-finetune and --qlora" in capsys.readouterr().err

@@ -7,6 +7,9 @@ groups [0, G), [G, 2G), ...; the second half uses groups shifted by G / 2: [0, G
 [S - G/2, S). LongLoRA rolls the shifted half by G / 2, so its last group wraps around and lets the first
 tokens see the last ones; here the wrapped group is split in two instead, so no token sees a later one.
 ``s2_sink`` (SinkLoRA) also lets every query see the first ``sink_tokens`` tokens of the sequence.
+Packed batches (``DataCollatorWithFlattening``: position ids that restart) train with ``s2``: the groups tile the
+packed row and no query sees another document (the segment ids ride along as varlen); ``s2_sink`` refuses them,
+since its sinks are the row's first tokens, not each document's.
 
 Each group is one row of a batch of B * S / G rows (the shifted half padded by G / 2 tokens at both ends,
 masked out through ``kv_valid``), so the whole thing is one call of ``longctx_sink``'s kernel dispatch: the
@@ -63,6 +66,7 @@ def _grouped_attention(
     group: int,
     shift: int,
     sink_tokens: int,
+    segments: torch.Tensor | None = None,
     **kwargs,
 ) -> torch.Tensor:
     """Causal attention within groups of ``group`` tokens starting at ``-shift``, plus the first ``sink_tokens``.
@@ -70,6 +74,7 @@ def _grouped_attention(
     Args:
         query: (B, H, S, D); key, value: (B, H_kv, S, D); valid: (B, S) bool, True for real tokens.
         shift: 0, or group // 2 for the shifted groups.
+        segments: (B, S) int ids of packed documents (only with ``sink_tokens == 0``), or None.
         **kwargs: ``scale``, ``softcap``, ``s_aux`` for the kernel.
     Returns:
         (B, H, S, D) in ``query.dtype``.
@@ -78,6 +83,7 @@ def _grouped_attention(
     if shift:
         query, key, value = (F.pad(x, (0, 0, shift, shift)) for x in (query, key, value))
         valid = F.pad(valid, (shift, shift), value=False)
+        segments = None if segments is None else F.pad(segments, (shift, shift), value=-1)
     groups = valid.shape[1] // group
 
     def split(x: torch.Tensor) -> torch.Tensor:  # (B, h, n * G, D) -> (B * n, h, G, D)
@@ -95,7 +101,9 @@ def _grouped_attention(
         keys = torch.cat([key[:, :, sinks].repeat_interleave(groups, dim=0), keys], dim=2)
         values = torch.cat([value[:, :, sinks].repeat_interleave(groups, dim=0), values], dim=2)
         rows_valid = torch.cat([prefix_valid, rows_valid], dim=1)
-    out = sink_window_attention(split(query), keys, values, sink_tokens=0, window=None, kv_valid=rows_valid, **kwargs)
+    rows_segments = None if segments is None else segments.reshape(batch * groups, group)
+    out = sink_window_attention(split(query), keys, values, sink_tokens=0, window=None, kv_valid=rows_valid,
+                                segment_ids=rows_segments, **kwargs)
     heads, dim = out.shape[1], out.shape[3]
     out = out.reshape(batch, groups, heads, group, dim).transpose(1, 2).reshape(batch, heads, groups * group, dim)
     return out[:, :, shift : shift + length]
@@ -108,6 +116,7 @@ def shifted_sparse_attention(
     *,
     feature: ShiftedSparseAttention,
     kv_valid: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
     s_aux: torch.Tensor | None = None,
     **kwargs,
 ) -> torch.Tensor:
@@ -117,6 +126,7 @@ def shifted_sparse_attention(
         query: (B, H, S, D) post-RoPE; key, value: (B, H_kv, S, D), H_kv even and dividing H.
         feature: group size and sinks.
         kv_valid: (B, S) bool padding mask, True for real tokens; None: all real.
+        segment_ids: (B, S) int ids of packed documents (``s2`` only; ValueError with sinks), or None.
         s_aux: (H,) learned sink logits, split with the heads.
         **kwargs: ``scale``, ``softcap`` as in ``kernels.reference.sink_window_attention``.
     Returns:
@@ -129,6 +139,11 @@ def shifted_sparse_attention(
             f"longctx_s2: shifts half of the key/value heads, so num_key_value_heads must be even; got {kv_heads}"
         )
     group = group_size(feature, length)
+    if segment_ids is not None and feature.sink_tokens:
+        raise ValueError(
+            f"longctx_s2: {feature.type!r} does not take packed sequences (position_ids that restart): its sinks are "
+            "the row's first tokens; train packed batches with 's2', or unpacked ones with 's2_sink'"
+        )
     valid = torch.ones(batch, length, dtype=torch.bool, device=query.device) if kv_valid is None else kv_valid.bool()
     halves = []
     for half, shift in ((0, 0), (1, group // 2)):
@@ -136,7 +151,8 @@ def shifted_sparse_attention(
         kv = slice(half * kv_heads // 2, (half + 1) * kv_heads // 2)
         halves.append(_grouped_attention(
             query[:, q_heads], key[:, kv], value[:, kv], valid, group=group, shift=shift,
-            sink_tokens=feature.sink_tokens, s_aux=None if s_aux is None else s_aux[q_heads], **kwargs,
+            sink_tokens=feature.sink_tokens, segments=segment_ids, s_aux=None if s_aux is None else s_aux[q_heads],
+            **kwargs,
         ))
     return torch.cat(halves, dim=1)
 
@@ -172,10 +188,8 @@ def s2_attention_forward(
     if module.training and sliding_window is None:
         if q_len != kv_len:
             raise ValueError(f"longctx_s2 trains on whole sequences; got {q_len} queries for {kv_len} keys")
-        if segments is not None:
-            raise ValueError("longctx_s2 does not take packed sequences (position_ids that restart) in training")
-        out = shifted_sparse_attention(query, key, value, feature=feature, kv_valid=attention_mask, s_aux=s_aux,
-                                       scale=scaling, softcap=softcap)
+        out = shifted_sparse_attention(query, key, value, feature=feature, kv_valid=attention_mask,
+                                       segment_ids=segments, s_aux=s_aux, scale=scaling, softcap=softcap)
     else:
         rule = feature.inference_attention(kv_len) if sliding_window is None else SinkAttention(0, sliding_window)
         out = sink_attention(query, key, value, feature=rule, inv_freq=lambda: module_inv_freq(module, query.device),
