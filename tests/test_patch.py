@@ -146,3 +146,19 @@ def test_attn_implementation_at_load_time(tmp_path):
     assert loaded.config._attn_implementation == "longctx_sink"
     # Default SinkAttention (window 4096) covers the sequence: exact.
     torch.testing.assert_close(logits(loaded, ids), logits(stock, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_autocast_mixed_dtypes_run_in_the_autocast_dtype():
+    """Under bf16 autocast with float32 weights, RoPE gives float32 q/k and v is bf16: computed in bf16, like SDPA."""
+    from hf_longctx.attention.sink import sink_attention_forward
+
+    model = tiny_model("llama")
+    lc.patch(model, attention="sink:8,2")
+    module = model.model.layers[0].self_attn
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, shape, 12, 16, generator=gen) for shape in (4, 2, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, _ = sink_attention_forward(module, q.bfloat16(), k.bfloat16(), v.bfloat16(), None)
+        got, _ = sink_attention_forward(module, q, k, v.bfloat16(), None)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected)

@@ -25,7 +25,7 @@ from ..config import RopeScaling, parse_feature
 from ..kernels import reference_remap
 from ..kernels.reference_remap import RemapScheme
 from ..rope.frequencies import default_inv_freq, rotary_dim
-from .sink import check_call, packed_segments, sink_attention_forward
+from .sink import autocast_inputs, check_call, packed_segments, sink_attention_forward
 
 REMAP_ATTENTION_NAME = "longctx_rope_remap"
 _SCALED_LAYER_TYPE = "full_attention"  # the layers of a per-layer-type rope (Gemma 3) that are remapped
@@ -111,6 +111,7 @@ def rope_remap_attention_forward(
             sliding_window=sliding_window, softcap=softcap, s_aux=s_aux, position_ids=position_ids,
         )
     check_call(REMAP_ATTENTION_NAME, dropout, attention_mask)
+    query, key, value = autocast_inputs(query, key, value)
     if s_aux is not None:
         raise ValueError(f"{REMAP_ATTENTION_NAME} does not support learned sink logits (s_aux)")
     batch, _, q_len, _ = query.shape

@@ -77,6 +77,19 @@ def check_call(name: str, dropout: float, attention_mask: torch.Tensor | None) -
         )
 
 
+def autocast_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+    """The three inputs in the dtype autocast computes attention in (as SDPA does under autocast), else unchanged.
+
+    Under bf16/fp16 autocast with float32 weights, RoPE returns float32 q and k while v comes out of a linear
+    layer in the autocast dtype; the kernels take one 16-bit dtype.
+    """
+    device_type = query.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return query, key, value
+    dtype = torch.get_autocast_dtype(device_type)
+    return query.to(dtype), key.to(dtype), value.to(dtype)
+
+
 def packed_segments(
     position_ids: torch.Tensor | None, batch_size: int, q_len: int, kv_len: int
 ) -> torch.Tensor | None:
@@ -295,6 +308,7 @@ def sink_attention_forward(
         ((B, Sq, H, D) contiguous, None).
     """
     check_call(ATTENTION_NAME, dropout, attention_mask)
+    query, key, value = autocast_inputs(query, key, value)
     if sliding_window is not None:
         feature = SinkAttention(sink_tokens=0, window=sliding_window)
     else:
