@@ -5,7 +5,7 @@ import torch
 from tiny_models import FAMILIES, STOCK_ATTENTION, random_ids, tiny_model
 
 import hf_longctx as lc
-from hf_longctx.cache import LongCtxLayer, make_policies
+from hf_longctx.cache import LongCtxLayer, make_policies, policies
 from hf_longctx.cache.scores import attention_mass, pool_along_keys
 from hf_longctx.config import parse_feature
 
@@ -151,7 +151,8 @@ def test_eviction_frees_memory_and_writes_in_place():
     layer = filled_layer("streaming:budget=8,sink_tokens=2", stored=1000)
     assert layer.capacity >= 1000
     step(layer)
-    assert layer.stored_length == 9 and layer.capacity == 128 and layer.keys.shape == (1, 2, 128, 4)
+    # shrunk to what it can ever hold: budget + max(every, prefill_chunk, the write) = 8 + 1
+    assert layer.stored_length == 9 and layer.capacity == 9 and layer.keys.shape == (1, 2, 9, 4)
     buffer = layer.keys.data_ptr()
     for _ in range(5):  # decoding: evict one, write one, in the same buffers
         step(layer)
@@ -291,7 +292,8 @@ def test_chunked_prefill_bounds_the_stored_tokens():
     finally:
         LongCtxLayer.update = original
     assert out.past_key_values.get_seq_length() == 102
-    assert max(peaks) == 128 and out.past_key_values.stored_lengths == [17, 17]  # never the whole prompt
+    # budget + chunk from the first chunk on: never the whole prompt, never doubled past it
+    assert set(peaks) == {24} and out.past_key_values.stored_lengths == [17, 17]
 
 
 def test_sink_attention_and_eviction_together():
@@ -312,3 +314,94 @@ def test_beams_and_return_sequences_under_eviction():
     model = lc.patch(tiny_model("qwen2"), kv=f"h2o:budget=14,{SMALL}")
     out = model.generate(ids, return_dict_in_generate=True, **kwargs)
     assert out.sequences.shape == (4, 28) and out.past_key_values.stored_lengths == [15, 15]
+
+
+# ------------------------------------------------------------------ buffer bound and scoring cost
+@pytest.mark.parametrize("every", [1, 48])
+def test_an_evicting_layer_holds_exactly_budget_plus_chunk(every):
+    model = lc.patch(tiny_model("llama"), kv=f"snapkv:budget=256,prefill_chunk=128,every={every}")
+    seen = []
+    original = LongCtxLayer.update
+
+    def recording_update(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        seen.append((self.capacity, self.stored_length, self.keys.data_ptr()))
+        return result
+
+    LongCtxLayer.update = recording_update
+    try:
+        out = model.generate(random_ids(1, 1024), max_new_tokens=60, do_sample=False, return_dict_in_generate=True)
+    finally:
+        LongCtxLayer.update = original
+    bound = 256 + max(128, every)
+    assert {capacity for capacity, _, _ in seen} == {bound}  # prefill and decoding: one allocation
+    assert len({pointer for _, _, pointer in seen[::2]}) == 1  # layer 0 wrote in place throughout
+    assert max(stored for _, stored, _ in seen) == bound
+    assert [layer.capacity for layer in out.past_key_values.layers] == [bound, bound]
+
+
+def test_a_chunk_after_decoding_evicts_first():
+    layer = filled_layer("streaming:budget=8,sink_tokens=2,every=4", stored=8)
+    step(layer)
+    step(layer)  # 10 stored, under budget + every: one-token steps would not evict yet
+    assert layer.get_mask_sizes(6) == (14, 2)  # but a 6-token write evicts to 8 first: 8 kept + 6
+    layer.update(torch.zeros(1, 2, 6, 4), torch.zeros(1, 2, 6, 4))
+    assert layer.stored_length == 14 and layer.capacity == 14  # budget + max(every, write)
+
+
+def counting_attention_mass(monkeypatch):
+    calls = []
+    original = policies.attention_mass
+
+    def counting(query, *args, **kwargs):
+        calls.append(query.shape[2])
+        return original(query, *args, **kwargs)
+
+    monkeypatch.setattr(policies, "attention_mass", counting)
+    return calls
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "h2o", "tova"])
+def test_decoding_steps_that_do_not_evict_score_nothing(monkeypatch, policy):
+    model = lc.patch(tiny_model("llama"), kv=f"{policy}:budget=40,{SMALL},every=8")
+    calls = counting_attention_mass(monkeypatch)
+    cache = lc.LongCtxCache(model, kv=lc.patched_config(model).kv)
+    with torch.no_grad():
+        model(random_ids(1, 30), past_key_values=cache)  # the prefill: scored at once
+        assert calls == [4 if policy == "snapkv" else 30 if policy == "h2o" else 1] * 2
+        for token in range(18):  # 30 -> 48 stored: still under budget + every
+            model(random_ids(1, 1, seed=token), past_key_values=cache)
+        assert len(calls) == 2 and [len(layer._pending) for layer in cache.layers] == [18, 18]
+        model(random_ids(1, 1, seed=99), past_key_values=cache)  # 48 stored: this step evicts to 40
+    scored = 1 if policy == "tova" else 18  # the 18 steps' queries scored once (TOVA: the latest one)
+    assert calls[2:] == [scored, scored] and cache.stored_lengths == [41, 41]
+
+
+@pytest.mark.parametrize("spec", ["snapkv:budget=14", "h2o:budget=14", "tova:budget=14", "pyramidkv:budget=14"])
+def test_deferred_scoring_evicts_as_scoring_every_step(spec):
+    """every=1: a step's query is scored just before the next step's eviction, over the same keys it attended,
+    so the kept tokens equal those of scoring each query at its own step (the previous implementation)."""
+    spec = f"{spec},{SMALL},pooling=3"
+    ids = random_ids(1, 30)
+    model = lc.patch(tiny_model("llama"), kv=spec)
+    out = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False, return_dict_in_generate=True)
+    eager = lc.patch(tiny_model("llama"), kv=spec)
+    original = LongCtxLayer.observe
+
+    def scoring_every_step(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        self._score_pending()
+        return result
+
+    LongCtxLayer.observe = scoring_every_step
+    try:
+        expected = eager.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                  return_dict_in_generate=True)
+    finally:
+        LongCtxLayer.observe = original
+    assert torch.equal(out.sequences, expected.sequences)
+    for got, want in zip(out.past_key_values.layers, expected.past_key_values.layers):
+        assert len(got._pending) == 1 and not want._pending  # the last step's query waits for an eviction
+        got._score_pending()
+        assert torch.equal(got.keys[:, :, : got.stored_length], want.keys[:, :, : want.stored_length])
+        torch.testing.assert_close(got.scores[:, :, : got.stored_length], want.scores[:, :, : want.stored_length])

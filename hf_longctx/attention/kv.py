@@ -23,6 +23,10 @@ kv=...)``), the sink rule is applied over the stored slots: sinks are the first 
 the window counts stored real tokens (which, after eviction, span more positions than the window). Its
 positions rule (``longctx_sink``'s ``sink_attention``) learns the queries' true positions from the tokens
 each row evicted (``LongCtxLayer.position_offset``).
+
+Self-speculation: while a layer has a draft view (``LongCtxLayer.set_view``, a ``SinkAttention``), the
+function attends through that sink + window rule over the stored slots instead (keys at their true
+positions; the sink kernel reads only the sinks and the window), and reports nothing to the policy.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 from ..config import SinkAttention, parse_feature
-from .sink import check_call, module_inv_freq, packed_segments, sink_attention
+from .sink import autocast_inputs, check_call, module_inv_freq, packed_segments, sink_attention
 
 KV_ATTENTION_NAME = "longctx_kv"
 
@@ -90,11 +94,16 @@ def kv_attention_forward(
         ((B, Sq, H, D) contiguous, None).
     """
     check_call(KV_ATTENTION_NAME, dropout, attention_mask)
+    query, key, value = autocast_inputs(query, key, value)
     layer = claim(key)
-    kv_valid = attention_mask if layer is None else layer.observe(query, key, attention_mask, scaling, softcap)
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
-    feature = _sink_rule(module, sliding_window, kv_len)
+    view = None if layer is None else layer.view
+    if view is not None:  # self-speculation drafting: the sink + window view, no report to the policy
+        kv_valid, feature = layer.view_valid(attention_mask), view
+    else:
+        kv_valid = attention_mask if layer is None else layer.observe(query, key, attention_mask, scaling, softcap)
+        feature = _sink_rule(module, sliding_window, kv_len)
     segments = None
     if layer is None and kv_valid is None:
         segments = packed_segments(position_ids, batch, q_len, kv_len)
@@ -104,7 +113,7 @@ def kv_attention_forward(
         value,
         feature=feature,
         inv_freq=lambda: module_inv_freq(module, query.device),
-        position_offset=None if layer is None else layer.position_offset,
+        position_offset=None if layer is None or view is not None else layer.position_offset,
         scale=scaling,
         softcap=softcap,
         s_aux=s_aux,

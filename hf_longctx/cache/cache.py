@@ -16,11 +16,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from ..attention.kv import KV_ATTENTION_NAME
-from ..config import KVEviction, kv_for_attention, parse_feature
+from ..config import KVEviction, SinkAttention, kv_for_attention, parse_feature
 from .layers import LongCtxLayer
 from .policies import make_policies
 
@@ -73,6 +74,20 @@ class LongCtxCache(Cache):
         for index, policy in zip(full, policies):
             layers[index] = LongCtxLayer(policy, capacity=capacity, reserve=reserve, layer_idx=index)
         super().__init__(layers=layers)
+
+    def set_view(self, view: SinkAttention | None) -> None:
+        """Self-speculation: the full-attention layers attend through ``view`` (sinks + window over their stored
+        slots) until ``set_view(None)``; see ``LongCtxLayer.set_view``."""
+        for layer in self.layers:
+            if isinstance(layer, LongCtxLayer):
+                layer.set_view(view)
+
+    def mark_holes(self, holes: torch.Tensor, start: int) -> None:
+        """Per-row speculative acceptance: (B, k) bool ``holes`` mark logical tokens ``start ..`` that are not
+        real (rejected drafts left between accepted tokens); see ``LongCtxLayer.mark_holes``."""
+        for layer in self.layers:
+            if isinstance(layer, LongCtxLayer):
+                layer.mark_holes(holes, start)
 
     @property
     def stored_lengths(self) -> list[int]:

@@ -2,8 +2,11 @@
 
 Storage (B batch, H_kv key/value heads, C capacity in tokens, D head size):
 - ``keys`` (B, H_kv, C, D_k) and ``values`` (B, H_kv, C, D_v) buffers; the first ``stored_length``
-  slots hold tokens. New tokens are written in place (no per-step ``torch.cat``); the buffers grow
-  geometrically (x2) or have a fixed capacity, and shrink after an eviction frees most of them.
+  slots hold tokens. New tokens are written in place (no per-step ``torch.cat``). A layer that keeps
+  every token grows its buffers geometrically (x2) or has a fixed capacity. An evicting layer never holds
+  more than ``budget + max(every, prefill_chunk, the largest write)`` tokens (see "When eviction happens"),
+  or what it held while recording: its buffers grow (x2) up to that bound only, and an eviction shrinks
+  larger ones (an unchunked prefill's) to it, so their memory is freed.
 - ``valid`` (B, C) bool: which slots hold real tokens rather than padding.
 - ``scores`` (B, H_kv, C) float32: the eviction policy's importance of each slot.
 - ``key_channels`` (B, H_kv, D_k) int64 or None: with ThinK, the key channels stored (D_k is then
@@ -22,11 +25,19 @@ the place of a real token. New tokens are appended after the kept ones, so a chu
 causal over the stored order. With left padding, the stored validity then equals the last
 ``stored_length`` columns of generate's 2D mask.
 
-When eviction happens: at the start of ``update`` (before the new tokens are written), using the
-scores the attention function reported for the previous forward, once ``stored_length`` reaches
-``budget + every``. ``get_mask_sizes`` announces the length after that eviction. After
-``activate_past_recording()`` (speculative decoding) eviction is deferred to ``crop``, so rejected
-tokens can be removed first.
+When eviction happens: at the start of ``update`` (before the new tokens are written), when more
+than ``budget`` tokens are stored and writing the new ones would take the layer past ``budget + every``
+tokens: one-token steps evict once ``every`` tokens beyond the budget have accumulated, and a write of
+more than ``every`` tokens (a prefill chunk) evicts whatever exceeds the budget first. So at most
+``budget + max(every, write)`` tokens are ever stored. ``get_mask_sizes`` announces the length after
+that eviction. After ``activate_past_recording()`` (speculative decoding) eviction is deferred to
+``crop``, so rejected tokens can be removed first.
+
+When scores are computed: the attention function reports every forward (``observe``). A forward of
+several tokens is scored at once. The queries of one-token decoding steps are only kept (a reference,
+no computation) and scored together just before an eviction (or once ``_PENDING_STEPS`` have gathered,
+a mark of holes, a crop or a batch change), so a decoding step that does not evict costs what a step
+without a policy costs: no scoring, no host sync, no work proportional to the cache.
 """
 
 from __future__ import annotations
@@ -35,9 +46,11 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from ..attention.kv import KV_ATTENTION_NAME, announce
+from ..config import SinkAttention
 from .policies import EvictionPolicy
 
-_BLOCK = 128  # capacities are multiples of this many tokens
+_BLOCK = 128  # capacities grown geometrically are multiples of this many tokens
+_PENDING_STEPS = 64  # decoding queries kept unscored at most (their memory: this many tokens' queries)
 
 
 def _round_up(tokens: int) -> int:
@@ -84,6 +97,10 @@ class LongCtxLayer(CacheLayerMixin):
         self.padded = False  # whether a stored slot may hold padding (a padding mask was reported)
         self._since_eviction = 0  # the last tokens stored in order: what `crop` can remove
         self._awaiting_report = False
+        self._pending: list[torch.Tensor] = []  # (B, H, 1, D) queries of the latest decoding steps, unscored
+        self._scaling: tuple[float | None, float | None] = (None, None)  # the reported scale and softcap
+        self._recorded_peak = 0  # the most tokens stored while recording (speculative rounds need it again)
+        self.view: SinkAttention | None = None  # the draft view while self-speculation drafts
 
     # ----------------------------------------------------------------------------------- sizes
     @property
@@ -105,18 +122,29 @@ class LongCtxLayer(CacheLayerMixin):
         the evicted ones is at true position (its index among the stored real tokens) + this."""
         return self.evicted if self.cumulative_length > self.stored_length else None
 
-    def eviction_target(self, at_crop: bool = False) -> int | None:
-        """The stored length the next eviction reduces to, if one is due now, else None.
+    def eviction_target(self, incoming: int = 1, at_crop: bool = False) -> int | None:
+        """The stored length the eviction before writing ``incoming`` tokens reduces to, if one is due, else None.
 
         Args:
+            incoming: tokens the next update writes.
             at_crop: True when asked from ``crop``: a deferred eviction may run even while recording.
         """
         if self.policy is None or (self.record_past and not at_crop):
             return None
         budget = self.policy.budget(self.prompt_length)
-        if budget is None or self.stored_length < budget + self.policy.feature.every:
+        stored = self.stored_length
+        if budget is None or stored <= budget or stored + incoming <= budget + self.policy.feature.every:
             return None
         return budget
+
+    def _bound(self, incoming: int) -> int | None:
+        """Tokens an evicting layer may have to hold around a write of ``incoming`` tokens, or None if it does
+        not evict: ``budget + max(every, prefill_chunk, incoming)``, or its peak while recording if larger."""
+        budget = None if self.policy is None else self.policy.budget(self.prompt_length)
+        if budget is None:
+            return None
+        feature = self.policy.feature
+        return max(budget + max(feature.every, feature.prefill_chunk or 1, incoming), self._recorded_peak)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """(kv_length, kv_offset) of the next forward: stored after any due eviction, plus the queries.
@@ -124,7 +152,7 @@ class LongCtxLayer(CacheLayerMixin):
         The offset is the number of tokens seen but no longer stored, so a stock mask built over
         ``kv_offset .. kv_offset + kv_length`` reads the last ``kv_length`` columns of the 2D mask.
         """
-        target = self.eviction_target()
+        target = self.eviction_target(query_length)
         kept = self.stored_length if target is None else target
         return kept + query_length, self.cumulative_length - kept
 
@@ -152,7 +180,8 @@ class LongCtxLayer(CacheLayerMixin):
             scores[:, :, :stored] = self.scores[:, :, :stored]
         self.keys, self.values, self.valid, self.scores = keys, values, valid, scores
 
-    def _make_room(self, needed: int) -> None:
+    def _make_room(self, needed: int, incoming: int) -> None:
+        """Grow the buffers to hold ``needed`` tokens (the last ``incoming`` of them being written)."""
         if needed <= self.capacity:
             return
         if self.fixed_capacity is not None:
@@ -161,8 +190,10 @@ class LongCtxLayer(CacheLayerMixin):
                 f"layer {self.layer_idx} must store; raise it, evict (kv=...), or chunk the prefill "
                 "(KVEviction.prefill_chunk)"
             )
-        first = self.capacity == 0 and self.reserve is not None and self.policy is None
-        self._allocate(_round_up(max(needed, self.reserve if first else 2 * self.capacity)))
+        first = self.capacity == 0 and self.reserve is not None
+        capacity = _round_up(max(needed, self.reserve if first else 2 * self.capacity))
+        bound = self._bound(incoming)
+        self._allocate(capacity if bound is None else min(capacity, max(needed, bound)))
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -186,11 +217,13 @@ class LongCtxLayer(CacheLayerMixin):
         if self._chosen_channels is not None:
             self._prune_channels()
         new = key_states.shape[-2]
-        target = self.eviction_target()
+        target = self.eviction_target(new)
         if target is not None:
             self._evict(target, incoming=new)
         start, stop = self.stored_length, self.stored_length + new
-        self._make_room(stop)
+        self._make_room(stop, new)
+        if self.record_past and self.policy is not None:
+            self._recorded_peak = max(self._recorded_peak, stop)
         if self.key_channels is not None:
             key_states = key_states.gather(-1, self.key_channels[:, :, None].expand(-1, -1, new, -1))
         self.keys[:, :, start:stop] = key_states
@@ -203,10 +236,52 @@ class LongCtxLayer(CacheLayerMixin):
         if new > 1 and not self.record_past:
             self.prompt_length = self.cumulative_length
         keys, values = self._attended_keys(stop), self.values[:, :, :stop]
-        if self.policy is not None:
+        if self.view is not None:
+            announce(self, keys)  # the attention function applies the view (no report: drafts leave no scores)
+        elif self.policy is not None:
             announce(self, keys)
             self._awaiting_report = True
         return keys, values
+
+    # --------------------------------------------------------------------------- draft view
+    def set_view(self, view: SinkAttention | None) -> None:
+        """Attend through ``view`` (a sink + window rule over the stored slots) until ``set_view(None)``.
+
+        Only the ``longctx_kv`` attention function applies it (it claims this layer); tokens stored meanwhile
+        are stored as usual and should be cropped afterwards.
+        """
+        self.view = view
+
+    def view_valid(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, stored_length) bool real slots for an attention through the view, or None (all real).
+
+        A layer with a policy knows its slots' validity (reported by earlier forwards, holes included);
+        otherwise the forward's 2D padding mask (``attention_mask``, the stored slots' columns) tells it.
+        """
+        if self.policy is not None:
+            return self.valid[:, : self.stored_length] if self.padded else None
+        return attention_mask
+
+    def mark_holes(self, holes: torch.Tensor, start: int) -> None:
+        """Mark slots as no longer holding real tokens (rejected drafts of some rows).
+
+        Args:
+            holes: (B, k) bool, True where logical token ``start + j`` of the row is a hole. Tokens not seen
+                yet are ignored (their forward's padding mask will say it).
+            start: logical index of the first column; every seen one must still be stored in order.
+        """
+        seen = min(holes.shape[1], self.cumulative_length - start)
+        if not self.is_initialized or seen <= 0 or self.policy is None:
+            return  # without a policy the 2D padding mask alone marks holes
+        if self.cumulative_length - start > self._since_eviction:
+            raise ValueError(
+                f"LongCtxCache: layer {self.layer_idx} cannot mark holes from token {start}: only the last "
+                f"{self._since_eviction} tokens are stored in order"
+            )
+        self._score_pending()  # with the validity their steps saw
+        first = self.stored_length - (self.cumulative_length - start)
+        self.valid[:, first : first + seen] &= ~holes[:, :seen].to(self.device)
+        self.padded = True
 
     def _attended_keys(self, stored: int) -> torch.Tensor:
         """(B, H_kv, stored, D) keys for attention: the buffer's view, or with ThinK the stored
@@ -249,23 +324,42 @@ class LongCtxLayer(CacheLayerMixin):
             while no padding mask was ever reported (every slot is real; the attention then needs no mask).
         """
         self._awaiting_report = False
+        self._scaling = (scale, softcap)
         stored, new = self.stored_length, query.shape[2]
         if attention_mask is not None:
             self.valid[:, stored - new : stored] = attention_mask[:, -new:]
             self.padded = True
         valid = self.valid[:, :stored]
-        if self.policy.uses_attention:
+        if self.policy.uses_attention and new == 1:
+            self._pending.append(query)  # scored before the next eviction (see the module docstring)
+            if len(self._pending) >= _PENDING_STEPS:
+                self._score_pending(key)
+        elif self.policy.uses_attention:
+            self._score_pending(key[:, :, : stored - new])
             self.policy.observe(self.scores[:, :, :stored], query, key, valid, scale, softcap)
         if self.key_channels is None and self._chosen_channels is None and new > 1 and not self.record_past:
             self._chosen_channels = self.policy.choose_channels(query, key, valid)
         return valid if self.padded else None
 
+    def _score_pending(self, key: torch.Tensor | None = None) -> None:
+        """Score the queries of the decoding steps kept since the last scoring (they are the latest tokens of
+        ``key``, (B, H_kv, S, D) the attended keys of the first S slots; default: every stored slot)."""
+        if not self._pending:
+            return
+        queries, self._pending = torch.cat(self._pending, dim=2), []
+        key = self._attended_keys(self.stored_length) if key is None else key
+        slots = key.shape[2]
+        self.policy.observe(
+            self.scores[:, :, :slots], queries, key, self.valid[:, :slots], *self._scaling, decoding=True
+        )
+
     def _evict(self, target: int, incoming: int = 0) -> None:
         """Keep ``target`` slots per row and head, as the policy selects, compacted to the front.
 
-        The buffers shrink when they are more than twice what the kept slots, the ``incoming``
-        tokens of this update and ``every`` further ones need (then the evicted memory is freed).
+        Buffers larger than the layer's bound around this write of ``incoming`` tokens shrink to it
+        (then the evicted memory is freed: no reference to the old buffers is left).
         """
+        self._score_pending()
         stored = self.stored_length
         valid = self.valid[:, :stored]
         keep = self.policy.select(self.scores[:, :, :stored], valid, target)  # (B, H_kv, target)
@@ -278,9 +372,9 @@ class LongCtxLayer(CacheLayerMixin):
         values = self.values[:, :, :stored].gather(2, keep[..., None].expand(-1, -1, -1, self.values.shape[-1]))
         scores = self.scores[:, :, :stored].gather(2, keep)
         self.stored_length = 0
-        room = _round_up(target + max(self.policy.feature.every, incoming))
-        if self.fixed_capacity is None and self.capacity > 2 * room:
-            self._allocate(room)  # really free the memory of the evicted tokens
+        bound = self._bound(incoming)
+        if self.fixed_capacity is None and self.capacity > bound:
+            self._allocate(bound)  # really free the memory of the evicted tokens
         self.keys[:, :, :target] = keys
         self.values[:, :, :target] = values
         self.scores[:, :, :target] = scores
@@ -306,6 +400,7 @@ class LongCtxLayer(CacheLayerMixin):
             )
         if not self.is_initialized:
             return
+        self._score_pending()  # rejected tokens' queries were attended: they count, as at their own steps
         remove = -tokens_to_remove
         if remove > self._since_eviction:
             raise ValueError(
@@ -317,9 +412,9 @@ class LongCtxLayer(CacheLayerMixin):
         self.cumulative_length -= remove
         self._since_eviction -= remove
         self.prompt_length = min(self.prompt_length, self.cumulative_length)
-        target = self.eviction_target(at_crop=True)
+        target = self.eviction_target(at_crop=True)  # the eviction the next one-token step would run
         if target is not None:
-            self._evict(target)
+            self._evict(target, incoming=1)
 
     # ------------------------------------------------------------------------- batch changes
     def _map_batch(self, fn) -> None:
@@ -333,6 +428,8 @@ class LongCtxLayer(CacheLayerMixin):
                 self.key_channels = fn(self.key_channels)
             if self._chosen_channels is not None:
                 self._chosen_channels = fn(self._chosen_channels)
+            if self._pending:
+                self._pending = [fn(torch.cat(self._pending, dim=2))]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: row i becomes row ``beam_idx[i]``."""
@@ -352,6 +449,8 @@ class LongCtxLayer(CacheLayerMixin):
             self.evicted.zero_()
         self._awaiting_report = False
         self.record_past = self.padded = False
+        self._pending, self._recorded_peak = [], 0
+        self.view = None
         if self.key_channels is not None or self._chosen_channels is not None:
             self.keys = self.values = self.valid = self.scores = None
             self.key_channels = self._chosen_channels = None

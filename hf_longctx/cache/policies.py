@@ -66,9 +66,16 @@ class EvictionPolicy:
         valid: torch.Tensor,
         scale: float | None,
         softcap: float | None,
+        decoding: bool = False,
     ) -> None:
         """Update ``scores`` (B, H_kv, S) in place from the attention of ``query`` (B, H, Sq, D), the
-        latest Sq tokens, over the stored ``key`` (B, H_kv, S, D); ``valid`` (B, S) marks real tokens."""
+        latest Sq tokens, over the stored ``key`` (B, H_kv, S, D); ``valid`` (B, S) marks real tokens.
+
+        ``decoding``: False when ``query`` is one forward of several tokens (a prefill, a chunk of one, a
+        verification); True when it gathers the queries of consecutive one-token decoding steps, which the
+        layer buffers and hands over together before it evicts (the keys only grew meanwhile, so each
+        query's attention over the keys visible to it is what it was at its own step).
+        """
 
     def priority(self, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(B, H_kv, S) float: +inf for sinks and recent tokens, -inf for padding, else the score."""
@@ -93,21 +100,20 @@ class EvictionPolicy:
 
 
 class SnapKV(EvictionPolicy):
-    """SnapKV: at a prefill, the last ``window`` queries' attention, pooled along the keys, scores
-    every token (replacing older scores); each decoding step adds its query's pooled attention."""
+    """SnapKV: at a forward of several tokens (a prefill or a chunk of one), the last ``window`` queries'
+    attention, pooled along the keys, scores every token (replacing older scores); each decoding step adds
+    its query's attention, not pooled (pooling a sum of steps at once would treat the keys stored after a
+    step as its neighbours, so the scores would depend on when the steps are scored)."""
 
     uses_attention = True
 
-    def observe(self, scores, query, key, valid, scale, softcap):
-        q_len = query.shape[2]
-        observed = query[:, :, -self.feature.window :]
-        # The observation window's queries are the latest ones: mass over the keys visible to them.
-        mass = attention_mass(observed, key, scale=scale, softcap=softcap, valid=valid)
-        mass = pool_along_keys(mass, self.feature.pooling, valid)
-        if q_len > 1:
-            scores.copy_(mass)
-        else:
-            scores.add_(mass)
+    def observe(self, scores, query, key, valid, scale, softcap, decoding=False):
+        # The observed queries are the latest ones: mass over the keys visible to them.
+        if decoding:
+            scores.add_(attention_mass(query, key, scale=scale, softcap=softcap, valid=valid))
+            return
+        mass = attention_mass(query[:, :, -self.feature.window :], key, scale=scale, softcap=softcap, valid=valid)
+        scores.copy_(pool_along_keys(mass, self.feature.pooling, valid))
 
     def token_scores(self, scores, ranks):
         return scores
@@ -118,7 +124,7 @@ class H2O(EvictionPolicy):
 
     uses_attention = True
 
-    def observe(self, scores, query, key, valid, scale, softcap):
+    def observe(self, scores, query, key, valid, scale, softcap, decoding=False):
         scores.add_(attention_mass(query, key, scale=scale, softcap=softcap, valid=valid))
 
     def token_scores(self, scores, ranks):
@@ -130,7 +136,7 @@ class TOVA(EvictionPolicy):
 
     uses_attention = True
 
-    def observe(self, scores, query, key, valid, scale, softcap):
+    def observe(self, scores, query, key, valid, scale, softcap, decoding=False):
         mass = attention_mass(query[:, :, -1:], key, scale=scale, softcap=softcap, valid=valid)
         scores.copy_(mass.mean(dim=1, keepdim=True).expand_as(scores))
 
@@ -154,8 +160,8 @@ class KVCrush(EvictionPolicy):
         self.base = base
         self.uses_attention = base.uses_attention
 
-    def observe(self, scores, query, key, valid, scale, softcap):
-        self.base.observe(scores, query, key, valid, scale, softcap)
+    def observe(self, scores, query, key, valid, scale, softcap, decoding=False):
+        self.base.observe(scores, query, key, valid, scale, softcap, decoding)
 
     def select(self, scores, valid, target):
         kv_heads, slots = scores.shape[1], scores.shape[2]
@@ -193,8 +199,8 @@ class ThinK(EvictionPolicy):
         self.base = base
         self.uses_attention = base.uses_attention
 
-    def observe(self, scores, query, key, valid, scale, softcap):
-        self.base.observe(scores, query, key, valid, scale, softcap)
+    def observe(self, scores, query, key, valid, scale, softcap, decoding=False):
+        self.base.observe(scores, query, key, valid, scale, softcap, decoding)
 
     def select(self, scores, valid, target):
         return self.base.select(scores, valid, target)
