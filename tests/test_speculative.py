@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import FAMILIES, random_ids, tiny_model
+from tiny_models import FAMILIES, STOCK_ATTENTION, random_ids, tiny_model
 from transformers import AutoModelForCausalLM, LogitsProcessorList
 
 import hf_longctx as lc
 from hf_longctx.config import parse_feature
-from hf_longctx.speculative import DraftModel, common_acceptance, greedy_accept, sample_accept
+from hf_longctx.speculative import DraftModel, Sequences, SpeculationGain, common_acceptance, greedy_accept, sample_accept
 from hf_longctx.speculative import generate as spec_generate
 
 CARDS = Path(__file__).resolve().parent.parent / "model_cards"
@@ -132,10 +132,21 @@ def test_adaptive_drafting_stops_under_the_threshold():
     feature = lc.Speculative(draft=draft, num_draft_tokens="adaptive", threshold=0.99, max_draft_tokens=6)
     drafter = DraftModel(draft, feature, vocab_size=96)
     ids = random_ids(2, 10)
-    drafter.prefill(ids[:, :-1], None)
+    drafter.prefill(Sequences(ids[:, :-1], None))
     active = torch.ones(2, dtype=torch.bool)
-    tokens, probs = drafter.propose(ids, None, 6, LogitsProcessorList(), do_sample=False, active=active)
+    tokens, probs = drafter.propose(Sequences(ids, None), 6, LogitsProcessorList(), do_sample=False, active=active)
     assert tokens.shape == (2, 1) and probs.shape == (2, 1, 96)
+
+
+def test_the_gain_rule_switches_speculation_off_only_when_it_does_not_pay():
+    paying, losing = SpeculationGain(warmup=2), SpeculationGain(warmup=2)
+    for _ in range(4):  # the first round is not counted
+        paying.record(emitted_per_row=3.0, draft_s=0.010, verify_s=0.020)  # 3 * 20 / 30 = 2
+        losing.record(emitted_per_row=1.2, draft_s=0.020, verify_s=0.020)  # 1.2 * 20 / 40 = 0.6
+    assert paying.enabled and paying.gain == pytest.approx(2.0)
+    assert not losing.enabled and losing.gain == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="`warmup` must be an integer >= 1"):
+        SpeculationGain(warmup=0)
 
 
 # --------------------------------------------------------------------- sampling keeps the distribution
@@ -220,10 +231,116 @@ def test_a_draft_with_another_vocabulary_is_refused():
         speculative(model, draft, input_ids=random_ids(1, 8), max_new_tokens=4)
 
 
-def test_self_speculation_is_refused_until_built_and_leaves_the_model_unpatched():
-    model = tiny_model("llama")
-    with pytest.raises(ValueError, match="draft='self'.*not built yet"):
-        lc.patch(model, speculative="self")
-    assert lc.patched_config(model) is None and "generate" not in model.__dict__
+def test_self_speculation_view_must_be_a_streaming_budget():
+    with pytest.raises(ValueError, match="draft='self', `draft_kv` is the view.*'streaming'"):
+        lc.Speculative(draft="self", draft_kv="snapkv:64")
+    with pytest.raises(ValueError, match="draft='self', `draft_kv` is the view"):
+        lc.Speculative(draft="self", draft_kv="streaming:budget=4,sink_tokens=4")
     with pytest.raises(ValueError, match="its fields make it a 'self' feature"):
         parse_feature("speculative", "draft")
+
+
+# ------------------------------------------------------------------------------------- self-speculation
+VIEW = "streaming:budget=12,sink_tokens=2"  # much shorter than the prompts: the view really compresses
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_self_speculation_greedy_equals_generate_on_the_tiny_families(family):
+    model = tiny_model(family)
+    for batch in (1, 4):
+        ids, mask = left_padded(batch, 24, 96)
+        kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        expected = model.generate(**kwargs)
+        spec = lc.Speculative(draft="self", draft_kv=VIEW, num_draft_tokens=3)
+        out = model.generate(**kwargs, custom_generate=lc.speculative_generate, speculative=spec,
+                             return_dict_in_generate=True)
+        assert torch.equal(out.sequences, expected), batch
+        assert isinstance(out.past_key_values, lc.LongCtxCache)
+        assert model.config._attn_implementation == STOCK_ATTENTION[family]  # restored after the call
+
+
+def test_self_speculation_drafts_through_the_view_and_verifies_exactly():
+    """The draft forwards attend through sinks + window (their logits differ from the full cache's), and each
+    round's verification overwrites what they wrote: the output is still plain generate's."""
+    model = tiny_model("llama")
+    kwargs = dict(input_ids=random_ids(1, 40), max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    expected = model.generate(**kwargs)
+    drafted = {}
+
+    def count(spec):
+        calls = []
+        hook = model.register_forward_hook(lambda module, args, kw, out: calls.append(kw["input_ids"].shape[1]),
+                                           with_kwargs=True)
+        got = model.generate(**kwargs, custom_generate=lc.speculative_generate, speculative=spec)
+        hook.remove()
+        assert torch.equal(got, expected)
+        return calls
+
+    wide = count(lc.Speculative(draft="self", draft_kv="streaming:512", num_draft_tokens=4))
+    narrow = count(lc.Speculative(draft="self", draft_kv="streaming:budget=6,sink_tokens=2", num_draft_tokens=4))
+    drafted["wide"], drafted["narrow"] = wide, narrow
+    # A view holding the whole context drafts the target's own tokens: every round accepts all 4 (+1 bonus).
+    assert wide.count(5) == 3 and len(wide) == 1 + 3 * (4 + 1)
+    # A 6-token view drafts worse tokens: more rounds, still the same output.
+    assert narrow.count(5) < wide.count(5) or len(narrow) > len(wide)
+
+
+def test_self_speculation_over_an_evicting_cache_stays_within_its_budget():
+    """With eviction on the target's cache, evictions fall at round boundaries (deferred to the crop), so the
+    output is not claimed token-identical to plain generate with the same eviction; the memory bound holds."""
+    model = lc.patch(tiny_model("qwen2"), kv="snapkv:budget=24,window=4")
+    ids, mask = left_padded(3, 40, 96)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    spec = lc.Speculative(draft="self", draft_kv=VIEW, num_draft_tokens=3)
+    out = model.generate(**kwargs, custom_generate=lc.speculative_generate, speculative=spec,
+                         return_dict_in_generate=True)
+    assert out.sequences.shape == (3, 52)
+    assert torch.equal(out.sequences[:, :41], model.generate(**{**kwargs, "max_new_tokens": 1, "min_new_tokens": 1}))
+    assert max(out.past_key_values.stored_lengths) <= 24 + 3 + 1
+
+
+def test_patch_with_self_speculation_and_adaptive_length():
+    model = tiny_model("mistral")
+    ids, mask = left_padded(4, 20, 96)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    expected = model.generate(**kwargs)
+    lc.patch(model, speculative=lc.Speculative(draft="self", draft_kv=VIEW, num_draft_tokens="adaptive", threshold=0.2))
+    assert model.config.longctx["speculative"]["type"] == "self"
+    assert torch.equal(model.generate(**kwargs), expected)
+    lc.unpatch(model)
+    assert "generate" not in model.__dict__
+
+
+def test_rows_advance_by_their_own_accepted_counts():
+    """Batch 4, a draft model: rows accept different numbers of drafts; the rejected ones stay as holes in the
+    shared slot layout (the cache has seen more slots than any row has tokens) and no row is held back."""
+    model, draft = tiny_model("llama"), tiny_model("llama")
+    with torch.no_grad():  # a perturbed twin: it agrees with the target often, not always
+        draft.lm_head.weight.add_(0.5 * torch.randn(draft.lm_head.weight.shape, generator=torch.Generator().manual_seed(0)))
+    ids, mask = left_padded(4, 20, 96)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    expected = model.generate(**kwargs)
+    spec = lc.Speculative(draft=draft, num_draft_tokens=3)
+    out = model.generate(**kwargs, custom_generate=lc.speculative_generate, speculative=spec,
+                         return_dict_in_generate=True)
+    assert torch.equal(out.sequences, expected)
+    slots = out.past_key_values.get_seq_length() + 1  # the cache has seen every slot but the last
+    assert slots > expected.shape[1]  # holes: rows advanced by their own counts, nothing re-padded
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_greedy_equals_generate_on_the_gpu_reference_models():
+    """fp32 on the GPU (the Triton kernels): self-speculation and the draft model, batch 1 and 4 left padded."""
+    model = AutoModelForCausalLM.from_pretrained(CARDS / "longctx-target-20m", dtype=torch.float32).cuda().eval()
+    draft = AutoModelForCausalLM.from_pretrained(CARDS / "longctx-draft-3m", dtype=torch.float32).cuda().eval()
+    lc.patch(model, kv="streaming:budget=4096")  # longctx_kv + LongCtxCache on both sides, no eviction reached
+    for batch in (1, 4):
+        ids, mask = left_padded(batch, 600, 8192)
+        kwargs = dict(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=24, min_new_tokens=24,
+                      do_sample=False)
+        expected = model.generate(**kwargs)
+        for spec in (lc.Speculative(draft="self", draft_kv="streaming:256"), lc.Speculative(draft=draft)):
+            got = model.generate(**kwargs, custom_generate=lc.speculative_generate, speculative=spec)
+            assert torch.equal(got, expected), (batch, spec.name)

@@ -1,10 +1,19 @@
-"""A separate draft model proposing tokens for the target to verify, with its own (optionally evicting) cache."""
+"""Drafters: what proposes the tokens the target verifies.
+
+- ``DraftModel``: a separate small model of the target's vocabulary, with its own (optionally evicting) cache.
+- ``SelfDraft``: the target itself, attending through a sink + window view of its own ``LongCtxCache``
+  (no second cache, no second prefill); the drafted tokens' keys and values are cropped afterwards (a pointer
+  move) and the verification pass writes the exact ones.
+
+Both draft with the same loop (``Drafter.propose``): one forward per token, after generate's logits
+processors, greedy or sampled, stopping early under an adaptive confidence threshold.
+"""
 
 from __future__ import annotations
 
-import torch
 import dataclasses
 
+import torch
 import transformers
 from packaging import version
 from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -12,15 +21,76 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 from transformers.generation import LogitsProcessorList
 
 from ..cache import LongCtxCache, LongCtxLayer
-from ..config import Speculative
+from ..config import SinkAttention, Speculative
 from .forward import forward_unseen
+from .sequences import Sequences
 
 # Before 5.23 (seen on 5.17) a past-recording DynamicSlidingWindowLayer returns more keys than the mask announces
 # when several forwards run without a crop between them, as drafting does.
 _SLIDING_LAYERS_DRAFT = version.parse(transformers.__version__) >= version.parse("5.23")
 
 
-class DraftModel:
+class Drafter:
+    """The drafting loop shared by the drafters.
+
+    Args:
+        model: the model that drafts; cache: the cache it drafts with.
+        speculative: the feature (draft length, adaptive threshold).
+    """
+
+    def __init__(self, model: PreTrainedModel, cache: LongCtxCache, speculative: Speculative):
+        self.model, self.cache, self.speculative = model, cache, speculative
+
+    def max_tokens(self) -> int:
+        """The most tokens one round drafts."""
+        spec = self.speculative
+        return spec.max_draft_tokens if spec.num_draft_tokens == "adaptive" else spec.num_draft_tokens
+
+    @torch.no_grad()
+    def propose(
+        self,
+        sequences: Sequences,
+        limit: int,
+        logits_processor: LogitsProcessorList,
+        do_sample: bool,
+        active: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draft up to ``limit`` tokens after each row's slots, each after the logits processors generate applies.
+
+        Greedy drafts take the argmax; sampled drafts are drawn from q = softmax(processed scores). With
+        ``num_draft_tokens="adaptive"`` drafting stops once the probability q gives its token falls under
+        ``threshold`` in every active row (that token is still proposed).
+
+        Args:
+            sequences: the batch so far (its last slot is not in the caches yet).
+            limit: the most tokens to draft (>= 1).
+            active: (B,) bool rows still generating (only they decide an adaptive stop).
+        Returns:
+            (tokens, q): (B, G) int64 drafted tokens and (B, G, V) float32 the distributions they were drawn
+            from, G <= limit.
+        """
+        batch = sequences.slots.shape[0]
+        tokens = sequences.slots.new_zeros(batch, 0)
+        probs = []
+        adaptive = self.speculative.num_draft_tokens == "adaptive"
+        for _ in range(limit):
+            logits = self.step(*sequences.with_drafts(tokens))
+            q = torch.softmax(sequences.process(logits_processor, logits, tokens), dim=-1)
+            token = torch.multinomial(q, 1, generator=generator)[:, 0] if do_sample else q.argmax(-1)
+            tokens = torch.cat([tokens, token[:, None]], dim=1)
+            probs.append(q)
+            confidence = q.gather(-1, token[:, None])[:, 0]
+            if adaptive and bool((confidence[active] < self.speculative.threshold).all()):
+                break
+        return tokens, torch.stack(probs, dim=1)
+
+    def step(self, slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, V) float32 next-token logits after ``slots`` ((B, T) with their (B, T) padding mask)."""
+        return forward_unseen(self.model, self.cache, slots, mask, keep=1)[:, 0]
+
+
+class DraftModel(Drafter):
     """Drafts tokens with a small model of the target's vocabulary.
 
     Its cache is a ``LongCtxCache`` bounded by ``speculative.draft_kv`` (the draft model must then run the
@@ -43,83 +113,59 @@ class DraftModel:
                 f"Speculative: `draft` vocabulary size ({draft_vocab}) differs from the target's ({vocab_size}); "
                 "the draft must share the target's tokenizer"
             )
-        self.model = model
-        self.speculative = speculative
-        self.cache = LongCtxCache(model, kv=speculative.draft_kv)
+        super().__init__(model, LongCtxCache(model, kv=speculative.draft_kv), speculative)
         if not _SLIDING_LAYERS_DRAFT:
             for index, layer in enumerate(self.cache.layers):
                 if isinstance(layer, DynamicSlidingWindowLayer):
                     self.cache.layers[index] = LongCtxLayer(layer_idx=index)
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        """Run the draft over the prompt ((B, S) ids and padding mask or None), then start recording the past."""
-        forward_unseen(self.model, self.cache, input_ids, attention_mask, keep=1)
+    def prefill(self, sequences: Sequences) -> None:
+        """Run the draft over the prompt, then start recording the past."""
+        forward_unseen(self.model, self.cache, sequences.slots, sequences.mask, keep=1)
         self.cache.activate_past_recording()
 
-    def max_tokens(self) -> int:
-        """The most tokens one round drafts."""
-        spec = self.speculative
-        return spec.max_draft_tokens if spec.num_draft_tokens == "adaptive" else spec.num_draft_tokens
-
-    @torch.no_grad()
-    def propose(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        limit: int,
-        logits_processor: LogitsProcessorList,
-        do_sample: bool,
-        active: torch.Tensor,
-        generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draft up to ``limit`` tokens after ``input_ids``, each after the logits processors generate applies.
-
-        Greedy drafts take the argmax; sampled drafts are drawn from q = softmax(processed scores). With
-        ``num_draft_tokens="adaptive"`` drafting stops once the probability q gives its token falls under
-        ``threshold`` in every active row (that token is still proposed).
-
-        Args:
-            input_ids: (B, S) int64 the sequence so far; attention_mask: its (B, S) padding mask or None.
-            limit: the most tokens to draft (>= 1).
-            active: (B,) bool rows still generating (only they decide an adaptive stop).
-        Returns:
-            (tokens, q): (B, G) int64 drafted tokens and (B, G, V) float32 the distributions they were drawn
-            from, G <= limit.
-        """
-        tokens, probs = [], []
-        adaptive = self.speculative.num_draft_tokens == "adaptive"
-        for _ in range(limit):
-            logits = forward_unseen(self.model, self.cache, input_ids, attention_mask, keep=1)[:, 0]
-            q = torch.softmax(logits_processor(input_ids, logits), dim=-1)
-            token = torch.multinomial(q, 1, generator=generator)[:, 0] if do_sample else q.argmax(-1)
-            tokens.append(token)
-            probs.append(q)
-            input_ids = torch.cat([input_ids, token[:, None]], dim=1)
-            if attention_mask is not None:
-                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
-            confidence = q.gather(-1, token[:, None])[:, 0]
-            if adaptive and bool((confidence[active] < self.speculative.threshold).all()):
-                break
-        return torch.stack(tokens, dim=1), torch.stack(probs, dim=1)
-
-    def rollback(self, length: int) -> None:
-        """Forget every token from position ``length`` on (a pointer move), then run a deferred eviction."""
+    def rollback(self, length: int, holes: torch.Tensor, start: int) -> None:
+        """Mark the round's holes ((B, k) bool from logical token ``start``), forget every token from ``length``
+        on (a pointer move), then run a deferred eviction."""
+        self.cache.mark_holes(holes, start)
         self.cache.crop(min(0, length - self.cache.get_seq_length()))
 
 
-def load_draft(speculative: Speculative, target: PreTrainedModel) -> Speculative:
-    """``speculative`` with its draft as a model: a name or path is loaded (the target's dtype and device).
+class SelfDraft(Drafter):
+    """Self-speculation: the target drafts through a sink + window view of its own ``LongCtxCache``.
 
-    Raises:
-        ValueError: ``draft="self"`` (self-speculation is not built yet).
+    While drafting, the cache's full-attention layers attend to their first ``sink_tokens`` stored slots and the
+    last ``window`` ones (``LongCtxLayer.set_view``, applied by the ``longctx_kv`` attention function, whose
+    kernel reads only those slots); other layers (e.g. sliding-window ones) run as they are. The K/V the draft
+    forwards write are cropped when drafting ends, so the verification pass writes the target's exact ones.
+
+    Args:
+        model: the target (running ``longctx_kv``); cache: its ``LongCtxCache``, recording the past.
+        speculative: the feature; its ``draft_kv`` (``streaming`` with a budget) sets the view.
     """
-    if speculative.draft == "self":
-        raise ValueError(
-            "Speculative: draft='self' (self-speculation) is not built yet; give a draft model: "
-            "lc.Speculative(draft=draft_model) or draft='org/name'"
-        )
-    if isinstance(speculative.draft, str):
+
+    def __init__(self, model: PreTrainedModel, cache: LongCtxCache, speculative: Speculative):
+        super().__init__(model, cache, speculative)
+        kv = speculative.self_view
+        self.view = SinkAttention(sink_tokens=kv.sink_tokens, window=kv.budget - kv.sink_tokens)
+
+    @torch.no_grad()
+    def propose(self, sequences: Sequences, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """``Drafter.propose`` through the view; the cache is back at its length before drafting afterwards."""
+        seen = self.cache.get_seq_length()
+        self.cache.set_view(self.view)
+        try:
+            return super().propose(sequences, *args, **kwargs)
+        finally:
+            self.cache.set_view(None)
+            self.cache.crop(seen - self.cache.get_seq_length())
+
+
+def load_draft(speculative: Speculative, target: PreTrainedModel) -> Speculative:
+    """``speculative`` with its draft as a model: a name or path is loaded (the target's dtype and device);
+    ``"self"`` and a model are returned as they are."""
+    if isinstance(speculative.draft, str) and speculative.draft != "self":
         draft = AutoModelForCausalLM.from_pretrained(speculative.draft, dtype=target.dtype).to(target.device).eval()
         return dataclasses.replace(speculative, draft=draft)
     return speculative

@@ -4,27 +4,37 @@
     lc.patch(model, speculative=lc.Speculative(draft=draft)); out = model.generate(ids)   # the same
 
 Generate prepares the cache, logits processors and stopping criteria, then calls this loop. Each round the
-draft proposes G tokens, the target scores G + 1 positions in one forward over its cache, a verification rule
-(``verify``) accepts a prefix, and both caches roll back by cropping (a pointer move in a ``LongCtxCache``).
+drafter (a draft model, or the target over a view of its own cache: ``drafter``) proposes G tokens, the target
+scores G + 1 positions in one forward over its cache, a verification rule (``verify``) accepts a prefix per
+row, and the caches roll back by cropping (a pointer move in a ``LongCtxCache``).
 
-Batch > 1: every round the batch keeps one accepted length, the minimum over the rows still generating
-(``verify.common_acceptance``). That is exact (greedy output equals plain generate; sampling keeps the
-target's distribution) and keeps one shared cache length, at the cost of accepting fewer tokens per round
-than per-row lengths would.
+Batch > 1: each row advances by its own accepted count (``sequences``: rows that accepted fewer drafts
+leave holes, masked like padding; nothing is re-padded). Caches with sliding-window or other non-full
+layers (whose windows count slots) keep one accepted length per round instead, the minimum over the active
+rows (``verify.common_acceptance``). Both are exact: greedy output equals plain generate row by row, and
+sampling keeps the target's distribution.
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation import GenerateDecoderOnlyOutput, LogitsProcessorList, StoppingCriteriaList
 
+from ..attention.kv import KV_ATTENTION_NAME
+from ..cache import LongCtxCache, LongCtxLayer
 from ..config import Speculative, parse_feature
-from .drafter import DraftModel
+from .drafter import Drafter, DraftModel, SelfDraft
 from .forward import forward_unseen
+from .gain import SpeculationGain
+from .sequences import Sequences
 from .verify import common_acceptance, greedy_accept, sample_accept
 
 _UNSUPPORTED_OUTPUTS = ("output_scores", "output_logits", "output_attentions", "output_hidden_states")
@@ -38,7 +48,7 @@ def _feature(speculative: Any) -> Speculative:
             "speculative_generate: no `speculative` feature: pass speculative=lc.Speculative(draft=...) to generate "
             "or patch the model with lc.patch(model, speculative=...)"
         )
-    if not isinstance(feature.draft, PreTrainedModel):
+    if feature.draft != "self" and not isinstance(feature.draft, PreTrainedModel):
         raise ValueError(
             f"Speculative: `draft` {feature.draft!r} is not a loaded model: give the model, or patch the target with "
             "lc.patch(model, speculative=...), which loads a draft given by name"
@@ -78,12 +88,15 @@ def speculative_generate(
         model: the target model (generate passes itself).
         input_ids: (B, S) int64 prompt, left-padded for B > 1.
         logits_processor, stopping_criteria, generation_config: as generate prepared them.
-        speculative: the feature (dataclass, dict or shorthand) with a loaded draft model; a model patched with
-            ``speculative=`` passes its own.
+        speculative: the feature (dataclass, dict or shorthand) with a loaded draft model or ``draft="self"``;
+            a model patched with ``speculative=`` passes its own.
         **model_kwargs: generate's model inputs: ``past_key_values`` (the target's cache) and ``attention_mask``.
     Returns:
-        (B, S + new) int64 sequences, or a ``GenerateDecoderOnlyOutput`` with ``sequences`` and
-        ``past_key_values`` when ``return_dict_in_generate``.
+        (B, S + new) int64 sequences (rows that finished early padded), or a ``GenerateDecoderOnlyOutput`` with
+        ``sequences`` and ``past_key_values`` when ``return_dict_in_generate``.
+    Raises:
+        ValueError: unsupported generate options, no cache, a draft of another vocabulary, or self-speculation
+            on a model whose attention cannot apply the draft view.
     """
     feature = _feature(speculative)
     for flag in _UNSUPPORTED_OUTPUTS:
@@ -95,62 +108,128 @@ def speculative_generate(
     if cache is None:
         raise ValueError("speculative_generate: needs a cache (use_cache=True)")
     vocab = model.get_output_embeddings().weight.shape[0]
-    draft = DraftModel(feature.draft, feature, vocab)
-    mask = model_kwargs.get("attention_mask")
-    pad = generation_config._pad_token_tensor
-    finishes = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
-    do_sample = bool(generation_config.do_sample)
-    active = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-    target_logits = forward_unseen(model, cache, input_ids, mask, keep=1)
-    cache.activate_past_recording()  # after the prefill, as generate does: only decode tokens are rolled back
-    draft.prefill(input_ids, mask)
-    no_draft = input_ids.new_zeros(input_ids.shape[0], 0), target_logits.new_zeros(*input_ids.shape[:1], 0, vocab)
-    draft_tokens, draft_probs = no_draft
-    while True:
-        # 1. Verify: the target's processed distributions after each draft prefix (the last is the bonus one).
-        scores = torch.stack(
-            [
-                logits_processor(torch.cat([input_ids, draft_tokens[:, :j]], dim=1), target_logits[:, j])
-                for j in range(draft_tokens.shape[1] + 1)
-            ],
-            dim=1,
-        )
-        if do_sample:
-            accepted, next_token = sample_accept(draft_tokens, draft_probs, torch.softmax(scores, dim=-1))
-        else:
-            accepted, next_token = greedy_accept(draft_tokens, scores)
-        kept, new_tokens = common_acceptance(draft_tokens, accepted, next_token, active)
-        # 2. Roll the target back to the accepted tokens (the last new token is not in its cache yet).
-        cache.crop(kept - draft_tokens.shape[1])
-        # 3. Append the new tokens one by one, as generate would, stopping rows that finish.
-        for token in new_tokens.unbind(1):
-            if finishes:
-                token = torch.where(active, token, pad)
-            input_ids = torch.cat([input_ids, token[:, None]], dim=1)
-            if mask is not None:
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            if streamer is not None:
-                streamer.put(token.cpu())
-            active &= ~stopping_criteria(input_ids, None)
-            if not bool(active.any()):
-                break
-        if not bool(active.any()):
-            break
-        draft.rollback(input_ids.shape[1] - 1)
-        # 4. Draft, without passing the maximum length (the last new token needs no draft).
-        room = generation_config.max_length - input_ids.shape[1] - 1
-        if room >= 1:
-            draft_tokens, draft_probs = draft.propose(
-                input_ids, mask, min(room, draft.max_tokens()), logits_processor, do_sample, active
-            )
-        else:
-            draft_tokens, draft_probs = no_draft
-        candidate = torch.cat([input_ids, draft_tokens], dim=1)
-        candidate_mask = None if mask is None else torch.cat([mask, torch.ones_like(draft_tokens, dtype=mask.dtype)], 1)
-        target_logits = forward_unseen(model, cache, candidate, candidate_mask, keep=draft_tokens.shape[1] + 1)
+    if feature.draft != "self":
+        sequences = _decode(model, cache, DraftModel(feature.draft, feature, vocab), feature, input_ids,
+                            model_kwargs.get("attention_mask"), logits_processor, stopping_criteria,
+                            generation_config, streamer)
+    else:
+        cache = _own_cache(model, cache, generation_config)
+        with _kv_attention(model):
+            sequences = _decode(model, cache, SelfDraft(model, cache, feature), feature, input_ids,
+                                model_kwargs.get("attention_mask"), logits_processor, stopping_criteria,
+                                generation_config, streamer)
     if streamer is not None:
         streamer.end()
     if generation_config.return_dict_in_generate:
-        return GenerateDecoderOnlyOutput(sequences=input_ids, past_key_values=cache)
-    return input_ids
+        return GenerateDecoderOnlyOutput(sequences=sequences, past_key_values=cache)
+    return sequences
+
+
+def _own_cache(model: PreTrainedModel, cache: Cache, generation_config: GenerationConfig) -> LongCtxCache:
+    """Self-speculation's cache: the ``LongCtxCache`` passed in, or one replacing generate's empty default."""
+    if isinstance(cache, LongCtxCache):
+        return cache
+    if cache.get_seq_length() != 0:
+        raise ValueError(
+            f"Speculative: draft='self' drafts through a view of a LongCtxCache; got a filled {type(cache).__name__}: "
+            "pass past_key_values=lc.LongCtxCache(model) or none"
+        )
+    return LongCtxCache(model, reserve=generation_config.max_length)
+
+
+@contextlib.contextmanager
+def _kv_attention(model: PreTrainedModel) -> Iterator[None]:
+    """Run the model with ``longctx_kv`` (the attention function that applies the draft view) for the call."""
+    previous = model.config.get_text_config(decoder=True)._attn_implementation
+    if previous == KV_ATTENTION_NAME:
+        yield
+        return
+    if previous.startswith("longctx_") and previous != "longctx_sink":
+        raise ValueError(
+            f"Speculative: draft='self' needs the {KV_ATTENTION_NAME!r} attention (it applies the draft view); the "
+            f"model runs {previous!r}, which it cannot replace"
+        )
+    model.set_attn_implementation(KV_ATTENTION_NAME)  # it applies a patched sink feature too (attention.kv)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def _per_row(cache: Cache) -> bool:
+    """Whether rows may advance by their own counts: every layer is full attention (windows count slots)."""
+    return all(isinstance(layer, LongCtxLayer) or type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _decode(
+    model: PreTrainedModel,
+    cache: Cache,
+    drafter: Drafter,
+    feature: Speculative,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    logits_processor: LogitsProcessorList,
+    stopping_criteria: StoppingCriteriaList,
+    generation_config: GenerationConfig,
+    streamer: Any,
+) -> torch.Tensor:
+    """The rounds: verify, accept per row, roll back, draft. Returns the (B, S + new) sequences."""
+    sequences = Sequences(input_ids, attention_mask)
+    per_row, do_sample = _per_row(cache), bool(generation_config.do_sample)
+    gain = SpeculationGain() if feature.num_draft_tokens == "adaptive" else None
+    active = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    logits = forward_unseen(model, cache, sequences.slots, sequences.mask, keep=1)
+    cache.activate_past_recording()  # after the prefill, as generate does: only decode tokens are rolled back
+    if isinstance(drafter, DraftModel):
+        drafter.prefill(sequences)
+    drafts, draft_probs = input_ids.new_zeros(input_ids.shape[0], 0), logits.new_zeros(*logits.shape[:1], 0, logits.shape[-1])
+    no_drafts = drafts, draft_probs
+    draft_s = verify_s = 0.0
+    while True:
+        # 1. Verify: the target's processed scores after each draft prefix (the last is the bonus position).
+        drafted = drafts.shape[1]
+        scores = torch.stack(
+            [sequences.process(logits_processor, logits[:, j], drafts[:, :j]) for j in range(drafted + 1)], dim=1
+        )
+        if do_sample:
+            accepted, next_token = sample_accept(drafts, draft_probs, torch.softmax(scores, dim=-1))
+        else:
+            accepted, next_token = greedy_accept(drafts, scores)
+        # 2. The round's columns: per row, its accepted drafts (holes after them up to the longest) + its token.
+        if per_row:
+            kept = int(accepted[active].max())
+            holes = (torch.arange(kept, device=accepted.device) >= accepted[:, None]) & active[:, None]
+            columns = torch.cat([drafts[:, :kept], next_token[:, None]], dim=1)
+        else:
+            kept, columns = common_acceptance(drafts, accepted, next_token, active)
+            holes = torch.zeros_like(drafts[:, :kept], dtype=torch.bool)
+        # 3. Roll the target back to them (the round's last token is not in its cache yet).
+        start = sequences.length
+        if isinstance(cache, LongCtxCache):
+            cache.mark_holes(holes, start)
+        cache.crop(kept - drafted)
+        before = sequences.counts[active].float().mean()
+        sequences.append(columns, torch.cat([holes, holes.new_zeros(holes.shape[0], 1)], dim=1), active,
+                         stopping_criteria, streamer)
+        if not bool(active.any()):
+            break
+        if gain is not None and drafted:
+            gain.record(float(sequences.counts[active].float().mean() - before), draft_s, verify_s)
+        # 4. Draft, without passing the maximum length (the last new token needs no draft).
+        if isinstance(drafter, DraftModel):
+            drafter.rollback(sequences.length - 1, holes, start)
+        remaining = generation_config.max_length - sequences.prompt - sequences.counts
+        room = int(remaining[active].max()) - 1
+        clock = time.perf_counter()
+        if room >= 1 and (gain is None or gain.enabled):
+            drafts, draft_probs = drafter.propose(
+                sequences, min(room, drafter.max_tokens()), logits_processor, do_sample, active
+            )
+        else:
+            drafts, draft_probs = no_drafts
+        draft_s, clock = time.perf_counter() - clock, time.perf_counter()
+        logits = forward_unseen(model, cache, *sequences.with_drafts(drafts), keep=drafts.shape[1] + 1)
+        if gain is not None:
+            logits.sum().item()  # wait for the device: the verification's time is measured
+        verify_s = time.perf_counter() - clock
+    return sequences.output(generation_config._pad_token_tensor)
