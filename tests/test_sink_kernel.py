@@ -149,6 +149,68 @@ def test_matches_reference(name):
     _run_case(*CASES[name])
 
 
+# Forward schedules (sw.FWD_VARIANTS): each must give the reference's output and LSE. The backward does not
+# depend on the variant (it reads the forward's LSE, checked here).
+VARIANT_CASES = {
+    "odd-37": CASES["odd-37"], "gqa-100": CASES["gqa-100"], "len-130-no-sink": CASES["len-130-no-sink"],
+    "q-offset": CASES["q-offset"], "dense-none": CASES["dense-none"], "softcap": CASES["softcap"],
+    "many-sinks": CASES["many-sinks"], "noncontiguous": CASES["noncontiguous"],
+}
+
+
+def _variant_forward(variant, batch, heads, kv_heads, q_len, kv_len, dim, sink, window, extra, **kw):
+    extra = dict(extra)
+    q, k, v = make_inputs(batch, heads, kv_heads, q_len, kv_len, dim, noncontiguous=extra.pop("noncontiguous", False))
+    kw = dict(sink_tokens=sink, window=window, return_lse=True, **extra, **kw)
+    with torch.no_grad():
+        with sw.forward_variant(variant):
+            out, lse = sw.sink_window_attention_triton(q, k, v, **kw)
+        want, want_lse = reference.sink_window_attention(q, k, v, **kw)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, want_lse, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("variant", sorted(set(sw.FWD_VARIANTS) - {"default"}))
+@pytest.mark.parametrize("name", list(VARIANT_CASES))
+def test_forward_variants(variant, name):
+    _variant_forward(variant, *VARIANT_CASES[name])
+
+
+@pytest.mark.parametrize("variant", ["fused", "grouped", "fused-tma-grouped"])
+def test_forward_variants_masks(variant):
+    s_aux = torch.randn(4, generator=torch.Generator().manual_seed(1)) * 2
+    _variant_forward(variant, 3, 4, 2, 45, 45, 32, 3, 9, {}, kv_valid=_padding_mask(), s_aux=s_aux)
+    seg = torch.tensor([[0] * 10 + [1] * 25 + [2] * 2 + [3] * 8, [5] * 45])
+    _variant_forward(variant, 2, 4, 2, 45, 45, 32, 3, 9, {}, segment_ids=seg)
+
+
+@pytest.mark.parametrize("s_aux", [False, True])
+def test_decode_single_kernel(monkeypatch, s_aux):
+    """Few visible keys: one split, the split kernel writes the final rows (no combine kernel)."""
+    monkeypatch.setitem(sw.INTERPRET_BLOCKS, "split_min_keys", 4096)
+    assert sw._split_plan(CPU, 2, 1, 4, 1, 130, 4, 40)[0] == 1
+    _run_case(2, 4, 1, 1, 130, 32, 4, 40, {}, s_aux=s_aux)
+    _run_case(1, 4, 2, 5, 64, 32, 3, 20, {"softcap": 2.0}, s_aux=s_aux)
+
+
+def test_no_grad_path_matches_custom_op():
+    """Without autograd the launcher runs outside the custom op: same output and LSE."""
+    q, k, v = make_inputs(1, 4, 2, 40, 40, 32)
+    with_grad = sw.sink_window_attention_triton(q, k, v, sink_tokens=3, window=11, return_lse=True)
+    assert with_grad[0].requires_grad
+    with torch.no_grad():
+        no_grad = sw.sink_window_attention_triton(q, k, v, sink_tokens=3, window=11, return_lse=True)
+    assert not no_grad[0].requires_grad
+    for a, b in zip(with_grad, no_grad):
+        torch.testing.assert_close(a.detach(), b, atol=0, rtol=0)
+
+
+def test_forward_variant_errors():
+    with pytest.raises(ValueError, match="forward variant"):
+        with sw.forward_variant("nope"):
+            pass
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision(dtype):
     _run_case(1, 4, 2, 50, 50, 64, 4, 16, {}, dtype=dtype)
@@ -410,3 +472,12 @@ def test_cuda_forward_32k():
     mb, _ = _err(base, oracle)
     print(f"32K forward: ours max {mo:.3e}, reference-in-bf16 max {mb:.3e}")
     assert mo <= 2 * mb + 4e-3
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", sorted(sw.FWD_VARIANTS))
+def test_cuda_forward_variants(variant):
+    with sw.forward_variant(variant):
+        _gpu_compare(1, 8, 2, 3001, 3001, 128, 128, 1024, backward=False)  # odd length, sinks + window
+        _gpu_compare(1, 8, 2, 257, 3001, 128, 128, 1024, backward=False)  # q offset
+        _gpu_compare(1, 8, 2, 2000, 2000, 128, 16, 512, s_aux=True, softcap=30.0, backward=False)

@@ -16,10 +16,14 @@ Kernels (all work in log2 units: scores are multiplied by ``scale * log2(e)`` an
 * ``_fwd_kernel``: one program per (query block, batch*head). It visits only the key blocks that
   meet the sinks or the window, in five runs: sink blocks without a mask, the sink remainder with a
   mask, the lower edge of the window with a mask, the inside of the window without a mask, and the
-  causal diagonal with a mask.
+  causal diagonal with a mask. Alternative schedules (one loop with a per-block mask switch, TMA loads,
+  GQA-grouped grid order, 256-row blocks) are internal variants, ``FWD_VARIANTS``,
+  selected with :func:`forward_variant` (benchmarks/sink_variants.py); "default" is the schedule above.
 * ``_fwd_split_kernel`` + ``_split_combine_kernel``: decode / short chunks (Sq <= 16). One program per
   (split of the visited keys, batch*kv-head); the G query heads that share a KV head are the rows of
-  one tile, so K/V are read once per KV head. Partial results are merged by a second kernel.
+  one tile, so K/V are read once per KV head. Partial results are merged by a second kernel (with one
+  split, the split kernel writes the final rows itself). Without autograd the launcher is called directly,
+  not through the custom op (its dispatch dominated the per-call time of decode).
 * Backward: ``_bwd_delta_kernel`` (delta = rowsum(o * do)), ``_bwd_dq_kernel`` (query blocks, same
   visiting plan as the forward) and ``_bwd_dkdv_kernel`` (key blocks; loops over the G query heads of
   the group and over the query rows that see the block: all later rows for a sink block, rows up to
@@ -44,6 +48,7 @@ CUDA tensors, or for CPU tensors when ``TRITON_INTERPRET=1`` was set before trit
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -173,6 +178,42 @@ if triton is not None:
         return sink_full_end, sink_end, win_lo, low_end, mid_end, kend
 
     @triton.jit
+    def _visible(cols, hi, k_lo, kmax, L, SINK, WINDOW):
+        """(rows, cols) visibility of the keys ``cols`` (absolute, below ``hi``) from rows of logical index
+        ``L`` and causal bound ``kmax`` (both per row)."""
+        rel = cols - k_lo
+        col_ok = (cols < hi) & (rel >= 0)
+        return (cols[None, :] < kmax[:, None]) & col_ok[None, :] & (
+            (rel < SINK)[None, :] | (L[:, None] - rel[None, :] < WINDOW))
+
+    @triton.jit
+    def _fwd_probs(qk, m_i, cols, hi, k_lo, kmax, L, SINK, WINDOW, qk_scale, cap_in, cap_out, masked,
+                   MAY_MASK: tl.constexpr, SOFTCAP: tl.constexpr):
+        """Online-softmax step of one key block: (p, new row max, the max subtracted), log2 units.
+
+        ``MAY_MASK``: the block can need the mask (compile time); ``masked``: it does (a runtime switch in
+        the fused loop, the constant True elsewhere). Only the tile's mask sits under the runtime switch:
+        triton 3.6's software pipeliner fails (PassManager::run failed) on a loop whose ``if`` also holds
+        the row max and exp2 (benchmarks/NOTES-sink-kernel.md).
+        """
+        if SOFTCAP:
+            s = _tanh(qk * cap_in) * cap_out
+            sc = 1.0
+        else:  # scale > 0: max(qk) * scale is the row max of the scores; one FMA per element
+            s = qk
+            sc = qk_scale
+        if MAY_MASK:
+            if masked:
+                s = tl.where(_visible(cols, hi, k_lo, kmax, L, SINK, WINDOW), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * sc)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * sc)
+            m_use = m_new
+        p = tl.exp2(s * sc - m_use[:, None])
+        return p, m_new, m_use
+
+    @triton.jit
     def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, hi,
                    k_lo, kmax, L, SINK, WINDOW, qk_scale, cap_in, cap_out,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -193,29 +234,8 @@ if triton is not None:
             else:
                 k = tl.load(k_base + start64 * stride_kn + k_tile)
             qk = tl.dot(q.to(DOT_T), tl.trans(k.to(DOT_T)), input_precision=DOT_PREC)
-            if MASKED:
-                if SOFTCAP:
-                    s = _tanh(qk * cap_in) * cap_out
-                else:
-                    s = qk * qk_scale
-                rel = cols - k_lo
-                col_ok = (cols < hi) & (rel >= 0)
-                vis = (cols[None, :] < kmax[:, None]) & col_ok[None, :] & (
-                    (rel < SINK)[None, :] | (L[:, None] - rel[None, :] < WINDOW))
-                s = tl.where(vis, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp2(s - m_use[:, None])
-            elif SOFTCAP:
-                s = _tanh(qk * cap_in) * cap_out
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_use = m_new
-                p = tl.exp2(s - m_use[:, None])
-            else:
-                # scale > 0: max(qk) * scale is the row max of the scores; one FMA per element
-                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-                m_use = m_new
-                p = tl.exp2(qk * qk_scale - m_use[:, None])
+            p, m_new, m_use = _fwd_probs(qk, m_i, cols, hi, k_lo, kmax, L, SINK, WINDOW, qk_scale, cap_in, cap_out,
+                                         True, MASKED, SOFTCAP)
             alpha = tl.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
@@ -229,6 +249,88 @@ if triton is not None:
             m_i = m_new
         return acc, l_i, m_i
 
+    @triton.jit
+    def _finish(acc, l_i, m_i, S_AUX, h, HAS_SAUX: tl.constexpr):
+        """Normalised rows and their LSE (log2 units; +inf for a row without keys), s_aux[h] folded in."""
+        if HAS_SAUX:
+            sa = tl.load(S_AUX + h).to(tl.float32) * 1.4426950408889634
+            m_fin = tl.maximum(m_i, sa)
+            alpha = tl.exp2(m_i - m_fin)
+            l_tot = l_i * alpha + tl.exp2(sa - m_fin)
+            out = acc * (alpha / l_tot)[:, None]
+            lse = m_fin + tl.log2(l_tot)
+        else:
+            empty = l_i == 0.0
+            l_safe = tl.where(empty, 1.0, l_i)
+            out = acc / l_safe[:, None]
+            lse = tl.where(empty, float("inf"), m_i + tl.log2(l_safe))
+        return out, lse
+
+    @triton.jit
+    def _fwd_runs(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, k_lo, sink_full_end, sink_end,
+                  win_lo, low_end, mid_end, kend, kmax, L, SINK, WINDOW, qk_scale, cap_in, cap_out,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, SOFTCAP: tl.constexpr,
+                  DOT_PREC: tl.constexpr, DOT_T: tl.constexpr):
+        """The five runs of :func:`_query_plan`, each its own loop (masked runs / mask-free runs)."""
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, k_lo, sink_full_end,
+                                   k_lo, kmax, L, SINK, WINDOW, qk_scale, cap_in, cap_out,
+                                   BLOCK_N, BLOCK_D, HEAD_DIM, False, SOFTCAP, DOT_PREC, DOT_T)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, sink_full_end, sink_end,
+                                   k_lo, kmax, L, SINK, WINDOW, qk_scale, cap_in, cap_out,
+                                   BLOCK_N, BLOCK_D, HEAD_DIM, True, SOFTCAP, DOT_PREC, DOT_T)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, win_lo, low_end,
+                                   k_lo, kmax, L, SINK, WINDOW, qk_scale, cap_in, cap_out,
+                                   BLOCK_N, BLOCK_D, HEAD_DIM, True, SOFTCAP, DOT_PREC, DOT_T)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, low_end, mid_end,
+                                   k_lo, kmax, L, SINK, WINDOW, qk_scale, cap_in, cap_out,
+                                   BLOCK_N, BLOCK_D, HEAD_DIM, False, SOFTCAP, DOT_PREC, DOT_T)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, mid_end, kend,
+                                   k_lo, kmax, L, SINK, WINDOW, qk_scale, cap_in, cap_out,
+                                   BLOCK_N, BLOCK_D, HEAD_DIM, True, SOFTCAP, DOT_PREC, DOT_T)
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _fwd_fused(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_kn, stride_vn, k_lo,
+                   sink_full_end, sink_end, win_lo, low_end, mid_end, kend, kmax, L, SINK, WINDOW,
+                   qk_scale, cap_in, cap_out, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, DOT_T: tl.constexpr,
+                   TMA: tl.constexpr):
+        """The five runs of :func:`_query_plan` as ONE loop (one software pipeline instead of five): the
+        sink blocks, then the window blocks; a per-block switch applies the mask or skips it.
+        ``TMA``: K/V blocks come through tensor descriptors (rows past the tensor read as zeros)."""
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        k_tile = offs_n[:, None] * stride_kn + offs_d[None, :]
+        v_tile = offs_n[:, None] * stride_vn + offs_d[None, :]
+        n_sink = tl.cdiv(sink_end - k_lo, BLOCK_N)
+        n_total = n_sink + tl.cdiv(tl.maximum(kend - win_lo, 0), BLOCK_N)
+        for t in range(0, n_total):
+            in_sink = t < n_sink
+            start = tl.where(in_sink, k_lo + t * BLOCK_N, win_lo + (t - n_sink) * BLOCK_N)
+            hi = tl.where(in_sink, sink_end, kend)
+            masked = tl.where(in_sink, start >= sink_full_end, (start < low_end) | (start >= mid_end))
+            start64 = tl.cast(start, tl.int64)
+            cols = start + offs_n
+            ld = (cols < hi)[:, None] & d_ok[None, :]
+            if TMA:
+                k = k_desc.load([start, 0])
+            else:
+                k = tl.load(k_base + start64 * stride_kn + k_tile, mask=ld, other=0.0)
+            qk = tl.dot(q.to(DOT_T), tl.trans(k.to(DOT_T)), input_precision=DOT_PREC)
+            p, m_new, m_use = _fwd_probs(qk, m_i, cols, hi, k_lo, kmax, L, SINK, WINDOW, qk_scale, cap_in, cap_out,
+                                         masked, True, SOFTCAP)
+            alpha = tl.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            if TMA:
+                v = v_desc.load([start, 0])
+            else:
+                v = tl.load(v_base + start64 * stride_vn + v_tile, mask=ld, other=0.0)
+            acc = tl.dot(p.to(v.dtype).to(DOT_T), v.to(DOT_T), acc, input_precision=DOT_PREC)
+            m_i = m_new
+        return acc, l_i, m_i
+
     @triton.jit(do_not_specialize=["H", "G", "Sq", "Skv", "SINK", "WINDOW", "SQ_BUCKET"])
     def _fwd_kernel(Q, K, V, O, LSE, S_AUX, SEG, WORK,
                     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
@@ -236,11 +338,16 @@ if triton is not None:
                     H, G, Sq, Skv, SINK, WINDOW, qk_scale, cap_in, cap_out, SQ_BUCKET,
                     MODE: tl.constexpr, HAS_SAUX: tl.constexpr, SOFTCAP: tl.constexpr,
                     DOT_PREC: tl.constexpr, DOT_T: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    FUSED: tl.constexpr, TMA: tl.constexpr, GROUPED: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid_blk = tl.program_id(0)
-        if MODE != 2:
+        pid_head = tl.program_id(1)
+        if GROUPED:  # MODE 0/1, grid (blocks * G, B * H_kv): the G heads of a KV head run side by side
+            pid_blk = tl.num_programs(0) // G - 1 - pid_blk // G  # longest rows first
+            pid_head = (pid_head // (H // G)) * H + (pid_head % (H // G)) * G + tl.program_id(0) % G
+        elif MODE != 2:
             pid_blk = tl.num_programs(0) - 1 - pid_blk  # longest rows first
-        blk, b, h, q_lo, q_hi, k_lo, k_hi = _program_segment(pid_blk, tl.program_id(1), SEG, WORK, H,
+        blk, b, h, q_lo, q_hi, k_lo, k_hi = _program_segment(pid_blk, pid_head, SEG, WORK, H,
                                                              Sq, Skv, MODE)
         hk = h // G
         q_off = Skv - Sq  # absolute index of query row 0
@@ -267,44 +374,36 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, k_lo, sink_full_end,
-                                   k_lo, kmax, L, SINK, WINDOW, qk_scale, cap_in, cap_out,
-                                   BLOCK_N, BLOCK_D, HEAD_DIM, False, SOFTCAP, DOT_PREC, DOT_T)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, sink_full_end, sink_end,
-                                   k_lo, kmax, L, SINK, WINDOW, qk_scale, cap_in, cap_out,
-                                   BLOCK_N, BLOCK_D, HEAD_DIM, True, SOFTCAP, DOT_PREC, DOT_T)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, win_lo, low_end,
-                                   k_lo, kmax, L, SINK, WINDOW, qk_scale, cap_in, cap_out,
-                                   BLOCK_N, BLOCK_D, HEAD_DIM, True, SOFTCAP, DOT_PREC, DOT_T)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, low_end, mid_end,
-                                   k_lo, kmax, L, SINK, WINDOW, qk_scale, cap_in, cap_out,
-                                   BLOCK_N, BLOCK_D, HEAD_DIM, False, SOFTCAP, DOT_PREC, DOT_T)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, mid_end, kend,
-                                   k_lo, kmax, L, SINK, WINDOW, qk_scale, cap_in, cap_out,
-                                   BLOCK_N, BLOCK_D, HEAD_DIM, True, SOFTCAP, DOT_PREC, DOT_T)
-
-        if HAS_SAUX:
-            sa = tl.load(S_AUX + h).to(tl.float32) * 1.4426950408889634
-            m_fin = tl.maximum(m_i, sa)
-            alpha = tl.exp2(m_i - m_fin)
-            l_tot = l_i * alpha + tl.exp2(sa - m_fin)
-            out = acc * (alpha / l_tot)[:, None]
-            lse = m_fin + tl.log2(l_tot)
+        if FUSED:
+            k_desc = None
+            v_desc = None
+            if TMA:
+                k_desc = tl.make_tensor_descriptor(k_base, shape=[Skv, HEAD_DIM], strides=[stride_ks, 1],
+                                                   block_shape=[BLOCK_N, BLOCK_D])
+                v_desc = tl.make_tensor_descriptor(v_base, shape=[Skv, HEAD_DIM], strides=[stride_vs, 1],
+                                                   block_shape=[BLOCK_N, BLOCK_D])
+            acc, l_i, m_i = _fwd_fused(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_ks, stride_vs,
+                                       k_lo, sink_full_end, sink_end, win_lo, low_end, mid_end, kend, kmax, L,
+                                       SINK, WINDOW, qk_scale, cap_in, cap_out, BLOCK_N, BLOCK_D, HEAD_DIM,
+                                       SOFTCAP, DOT_PREC, DOT_T, TMA)
         else:
-            empty = l_i == 0.0
-            l_safe = tl.where(empty, 1.0, l_i)
-            out = acc / l_safe[:, None]
-            lse = tl.where(empty, float("inf"), m_i + tl.log2(l_safe))
+            acc, l_i, m_i = _fwd_runs(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, k_lo,
+                                      sink_full_end, sink_end, win_lo, low_end, mid_end, kend, kmax, L,
+                                      SINK, WINDOW, qk_scale, cap_in, cap_out, BLOCK_N, BLOCK_D, HEAD_DIM,
+                                      SOFTCAP, DOT_PREC, DOT_T)
+
+        out, lse = _finish(acc, l_i, m_i, S_AUX, h, HAS_SAUX)
         o_ptrs = O + b64 * stride_ob + h.to(tl.int64) * stride_oh + q_rows[:, None] * stride_os + offs_d[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
         lse_ptrs = LSE + (b64 * H + h) * Sq + q_rows
         tl.store(lse_ptrs, lse, mask=row_ok)
 
     @triton.jit(do_not_specialize=["H", "Hkv", "G", "Sq", "Skv", "NSPLIT", "SINK", "WINDOW"])
-    def _fwd_split_kernel(Q, K, V, OP, LP, SEG,
+    def _fwd_split_kernel(Q, K, V, OP, LP, SEG, O, LSE, S_AUX,
                           stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
-                          stride_vb, stride_vh, stride_vs,
+                          stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
                           H, Hkv, G, Sq, Skv, NSPLIT, SINK, WINDOW, qk_scale, cap_in, cap_out,
+                          DIRECT: tl.constexpr, HAS_SAUX: tl.constexpr,
                           MODE: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, DOT_T: tl.constexpr,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -379,13 +478,20 @@ if triton is not None:
             acc = tl.dot(p.to(v.dtype).to(DOT_T), v.to(DOT_T), acc, input_precision=DOT_PREC)
             m_i = m_new
 
-        empty = l_i == 0.0
-        l_safe = tl.where(empty, 1.0, l_i)
-        out = acc / l_safe[:, None]
-        lse = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
-        part = ((b64 * H + h) * NSPLIT + pid_s) * Sq + i  # (B, H, NSPLIT, Sq) row index
-        tl.store(OP + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=r_ok[:, None] & d_ok[None, :])
-        tl.store(LP + part, lse, mask=r_ok)
+        if DIRECT:  # one split: this program writes the final rows (no combine kernel)
+            out, lse = _finish(acc, l_i, m_i, S_AUX, h, HAS_SAUX)
+            o_ptrs = (O + b64 * stride_ob + h.to(tl.int64)[:, None] * stride_oh + i.to(tl.int64)[:, None] * stride_os
+                      + offs_d[None, :])
+            tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+            tl.store(LSE + (b64 * H + h) * Sq + i, lse, mask=r_ok)
+        else:
+            empty = l_i == 0.0
+            l_safe = tl.where(empty, 1.0, l_i)
+            out = acc / l_safe[:, None]
+            lse = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
+            part = ((b64 * H + h) * NSPLIT + pid_s) * Sq + i  # (B, H, NSPLIT, Sq) row index
+            tl.store(OP + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=r_ok[:, None] & d_ok[None, :])
+            tl.store(LP + part, lse, mask=r_ok)
 
     @triton.jit(do_not_specialize=["H", "Sq", "NSPLIT"])
     def _split_combine_kernel(OP, LP, O, LSE, S_AUX, stride_ob, stride_oh, stride_os,
@@ -468,11 +574,7 @@ if triton is not None:
             else:
                 s = qk * qk_scale
             if MASKED:
-                rel = cols - k_lo
-                col_ok = (cols < hi) & (rel >= 0)
-                vis = (cols[None, :] < kmax[:, None]) & col_ok[None, :] & (
-                    (rel < SINK)[None, :] | (L[:, None] - rel[None, :] < WINDOW))
-                s = tl.where(vis, s, float("-inf"))
+                s = tl.where(_visible(cols, hi, k_lo, kmax, L, SINK, WINDOW), s, float("-inf"))
             p = tl.exp2(s - lse[:, None])
             dp = tl.dot(do.to(DOT_T), tl.trans(v.to(DOT_T)), input_precision=DOT_PREC)
             if ROW_PDP:  # sum_j p_ij dp_ij in fp32: an exact delta for the s_aux gradient
@@ -688,8 +790,8 @@ _TUNED: dict = {}  # (kernel kind, head_dim >= 256) -> triton Autotuner
 
 def tuned_configs() -> dict:
     """The configs autotuning picked so far: {"fwd/dq/dkdv[ d256]": {key: config string}}."""
-    return {f"{kind}{' d256' if big else ''}": {str(k): str(c) for k, c in tuner.cache.items()}
-            for (kind, big), tuner in _TUNED.items()}
+    return {f"{key[0]}{' d256' if key[1] else ''}{''.join(' ' + x for x in key[2:])}":
+            {str(k): str(c) for k, c in tuner.cache.items()} for key, tuner in _TUNED.items()}
 
 
 def _sq_bucket(n: int) -> int:
@@ -734,15 +836,18 @@ def _launcher(kind: str):
     return base, None
 
 
-def _run(kind: str, grid, args: list, meta: dict, head_dim_p: int):
+def _run(kind: str, grid, args: list, meta: dict, head_dim_p: int, variant: str = "default"):
     kernel, extra = _launcher(kind)
     if extra is not None:  # interpreter
         kernel[grid](*args, **meta, **extra)
         return
-    key = (kind, head_dim_p >= 256)
+    key = (kind, head_dim_p >= 256) if variant == "default" else (kind, head_dim_p >= 256, variant)
     tuned = _TUNED.get(key)
     if tuned is None:
         configs = _configs(kind, head_dim_p)
+        if kind == "fwd" and variant in _VARIANT_CONFIGS and head_dim_p < 256:
+            configs = [triton.Config({"BLOCK_N": c["BLOCK_N"]}, num_warps=c["num_warps"], num_stages=c["num_stages"])
+                       for c in _VARIANT_CONFIGS[variant]]
         if os.environ.get("HF_LONGCTX_AUTOTUNE", "1") == "0":  # first config only: no tuning runs
             configs = configs[:1]
         tuned = triton.autotune(configs=configs, key=["SQ_BUCKET"])(kernel)
@@ -858,12 +963,86 @@ def _common(q, k, window, scale, softcap):
     return B, H, Sq, D, Hkv, Skv, BLOCK_D, win, qk_scale, has_cap, cap_in, cap_out, (prec, dot_t)
 
 
+# Forward schedules (internal; benchmarks/sink_variants.py times them side by side, NOTES-sink-kernel.md says
+# what each changes). "default" stays the default until a GPU measurement picks another.
+#   fused:   the five runs of _query_plan as one loop with a per-block mask switch (one software pipeline)
+#   tma:     K/V blocks loaded through device-side TMA tensor descriptors (fused loop only)
+#   grouped: grid order (query block, head-in-group): the G query heads of a KV head run side by side and
+#            share each K/V block in L2 (modes 0/1)
+# (No warp-specialised variant: tl.range(warp_specialize=True) gives the fused loop's PTX unchanged on sm_90.)
+FWD_VARIANTS = {
+    "default": dict(FUSED=False, TMA=False, GROUPED=False),
+    "grouped": dict(FUSED=False, TMA=False, GROUPED=True),
+    "fused": dict(FUSED=True, TMA=False, GROUPED=False),
+    "fused-grouped": dict(FUSED=True, TMA=False, GROUPED=True),
+    "fused-tma": dict(FUSED=True, TMA=True, GROUPED=False),
+    "fused-tma-grouped": dict(FUSED=True, TMA=True, GROUPED=True),
+    "fused-m256": dict(FUSED=True, TMA=False, GROUPED=False, M_SCALE=2),
+    "fused-tma-m256": dict(FUSED=True, TMA=True, GROUPED=False, M_SCALE=2),
+}
+# m256: 256 query rows per program (16 warps): each K/V block brought from L2 serves twice the rows, halving
+# the L2 -> SM traffic (128 rows x D=128 need ~6 TB/s of L2 bandwidth at 800 TFLOP/s: 128 FLOP per byte).
+_VARIANT_CONFIGS = {"fused-m256": [dict(BLOCK_N=64, num_warps=16, num_stages=2)],
+                    "fused-tma-m256": [dict(BLOCK_N=64, num_warps=16, num_stages=2)]}
+_FWD_VARIANT = ["default"]
+
+
+@contextlib.contextmanager
+def forward_variant(name: str):
+    """Run the forward kernel with another schedule from ``FWD_VARIANTS`` inside the block (benchmarks, tests)."""
+    if name not in FWD_VARIANTS:
+        raise ValueError(f"forward variant {name!r} is unknown; known: {sorted(FWD_VARIANTS)}")
+    previous = _FWD_VARIANT[0]
+    _FWD_VARIANT[0] = name
+    try:
+        yield
+    finally:
+        _FWD_VARIANT[0] = previous
+
+
+def _tma_ready(*tensors) -> bool:
+    """TMA descriptors need 16-byte aligned bases and strides; set Triton's scratch allocator once (the
+    device-side descriptors live in a small global workspace)."""
+    for t in tensors:
+        if t.data_ptr() % 16 or any((st * t.element_size()) % 16 for st in t.stride()[:-1]):
+            return False
+    if tensors[0].is_cuda:
+        from triton.runtime import _allocation
+
+        try:
+            unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+        except AttributeError:  # another triton layout: set ours
+            unset = True
+        if unset:
+            triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device="cuda", dtype=torch.int8))
+    return True
+
+
 def _dummy(t):
     return torch.empty(2, dtype=torch.int32, device=t.device)
 
 
 def _use_split(mode: int, Sq: int, G: int) -> bool:
     return mode != 2 and Sq <= _SPLIT_MAX_SQ and G * Sq <= _SPLIT_MAX_ROWS
+
+
+_N_SM: dict = {}  # device -> SM count (get_device_properties is slow on the decode path)
+
+
+def _split_plan(device, B, Hkv, G, Sq, Skv, sink, window) -> tuple[int, int, int, int]:
+    """(number of splits, BLOCK_N, BLOCK_R, num_warps) of the decode path. At most 4 programs per SM and
+    at least ``_SPLIT_MIN_KEYS`` visited keys per split; one split (a single kernel, no combine) when the
+    visited keys are that few or the (batch, KV head) programs alone fill the GPU."""
+    block_n = INTERPRET_BLOCKS["split_n"] if _interpret() else 64
+    min_keys = INTERPRET_BLOCKS["split_min_keys"] if _interpret() else _SPLIT_MIN_KEYS
+    n_sm = _N_SM.get(device)
+    if n_sm is None:
+        n_sm = 132 if device.type != "cuda" else torch.cuda.get_device_properties(device).multi_processor_count
+        _N_SM[device] = n_sm
+    upper = Skv if window < 0 else min(Skv, sink + window + Sq)
+    nsplit = max(1, min(triton.cdiv(max(upper, 1), min_keys), triton.cdiv(4 * n_sm, B * Hkv), 128))
+    block_r = max(16, triton.next_power_of_2(G * Sq))
+    return nsplit, block_n, block_r, 4 if block_r <= 64 else 8
 
 
 def _forward(q, k, v, s_aux, seg, mode, sink, window, scale, softcap):
@@ -879,22 +1058,22 @@ def _forward(q, k, v, s_aux, seg, mode, sink, window, scale, softcap):
     sa_t = s_aux if s_aux is not None else _dummy(q)
 
     if _use_split(mode, Sq, G):
-        block_n = INTERPRET_BLOCKS["split_n"] if _interpret() else 64
-        min_keys = INTERPRET_BLOCKS["split_min_keys"] if _interpret() else _SPLIT_MIN_KEYS
-        n_sm = 132 if not q.is_cuda else torch.cuda.get_device_properties(q.device).multi_processor_count
-        upper = Skv if window < 0 else min(Skv, sink + window + Sq)
-        nsplit = max(1, min(triton.cdiv(max(upper, 1), min_keys), triton.cdiv(4 * n_sm, B * Hkv), 128))
-        block_r = max(16, triton.next_power_of_2(G * Sq))
-        o_part = torch.empty(B, H, nsplit, Sq, D, device=q.device, dtype=torch.float32)
-        l_part = torch.empty(B, H, nsplit, Sq, device=q.device, dtype=torch.float32)
-        warps = 4 if block_r <= 64 else 8
+        nsplit, block_n, block_r, warps = _split_plan(q.device, B, Hkv, G, Sq, Skv, sink, window)
+        direct = nsplit == 1
+        o_part = l_part = lse  # unused by the one-split kernel
+        if not direct:
+            o_part = torch.empty(B, H, nsplit, Sq, D, device=q.device, dtype=torch.float32)
+            l_part = torch.empty(B, H, nsplit, Sq, device=q.device, dtype=torch.float32)
         _fwd_split_kernel[(nsplit, B * Hkv)](
-            q, k, v, o_part, l_part, seg_t,
+            q, k, v, o_part, l_part, seg_t, out, lse, sa_t,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             H, Hkv, G, Sq, Skv, nsplit, sink, win, qk_scale, cap_in, cap_out,
+            DIRECT=direct, HAS_SAUX=s_aux is not None,
             MODE=mode, SOFTCAP=has_cap, DOT_PREC=prec[0], DOT_T=prec[1], HEAD_DIM=D, BLOCK_D=BLOCK_D,
             BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps, num_stages=2)
+        if direct:
+            return out, lse
         _split_combine_kernel[(B * H * Sq,)](
             o_part, l_part, out, lse, sa_t, out.stride(0), out.stride(1), out.stride(2),
             H, Sq, nsplit, HAS_SAUX=s_aux is not None, HEAD_DIM=D, BLOCK_D=BLOCK_D,
@@ -903,19 +1082,24 @@ def _forward(q, k, v, s_aux, seg, mode, sink, window, scale, softcap):
 
     blocks = _outer_blocks(BLOCK_D)
     bm = blocks["fwd_m"]
+    variant = _FWD_VARIANT[0]
+    flags = dict(FWD_VARIANTS[variant])
+    bm *= flags.pop("M_SCALE", 1)
+    flags["GROUPED"] = flags["GROUPED"] and mode != 2
+    flags["TMA"] = flags["TMA"] and _tma_ready(k, v)
     if mode == 2:
         work = _work_table(seg, 1, 2, bm, Sq)
         grid = (work.shape[0], H)
     else:
         work = _dummy(q)
-        grid = (triton.cdiv(Sq, bm), B * H)
+        grid = (triton.cdiv(Sq, bm) * G, B * Hkv) if flags["GROUPED"] else (triton.cdiv(Sq, bm), B * H)
     args = [q, k, v, out, lse, sa_t, seg_t, work,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             H, G, Sq, Skv, sink, win, qk_scale, cap_in, cap_out, _sq_bucket(Sq)]
     meta = dict(MODE=mode, HAS_SAUX=s_aux is not None, SOFTCAP=has_cap, DOT_PREC=prec[0], DOT_T=prec[1], HEAD_DIM=D,
-                BLOCK_D=BLOCK_D, BLOCK_M=bm)
-    _run("fwd", grid, args, meta, BLOCK_D)
+                BLOCK_D=BLOCK_D, BLOCK_M=bm, **flags)
+    _run("fwd", grid, args, meta, BLOCK_D, variant)
     return out, lse
 
 
@@ -1131,6 +1315,14 @@ def sink_window_attention_segments(query, key, value, *, sink_tokens: int, windo
                                 softcap=softcap, s_aux=s_aux)
     if reason is not None:
         raise ValueError(f"sink_window_attention_triton: {reason}")
+    return _checked_call(query, key, value, sink_tokens, window, scale, softcap, s_aux, kv_spans, segments,
+                         return_lse)
+
+
+def _checked_call(query, key, value, sink_tokens, window, scale, softcap, s_aux, kv_spans, segments, return_lse):
+    """:func:`sink_window_attention_segments` after its input check. Without autograd (no input needs a
+    gradient, or grad mode off) and outside torch.compile, the launcher runs without the custom op's
+    dispatch: the decode path's per-call cost is Python, not GPU work."""
     if kv_spans is not None and segments is not None:
         raise ValueError("give kv_spans or segments, not both (segment_table folds kv_valid in)")
     B, H, Sq, D = query.shape
@@ -1152,9 +1344,14 @@ def sink_window_attention_segments(query, key, value, *, sink_tokens: int, windo
         if tuple(kv_spans.shape) != (B, 2):
             raise ValueError(f"kv_spans must be (B, 2) = ({B}, 2)")
         mode, seg = 1, kv_spans.to(device=query.device, dtype=torch.int32).contiguous()
-    out, lse = sink_window_fwd(_last_dim_contiguous(query), _last_dim_contiguous(key), _last_dim_contiguous(value),
-                               s_aux, seg, mode, int(sink_tokens), -1 if window is None else int(window), scale,
-                               0.0 if softcap is None else float(softcap))
+    args = (_last_dim_contiguous(query), _last_dim_contiguous(key), _last_dim_contiguous(value), s_aux, seg, mode,
+            int(sink_tokens), -1 if window is None else int(window), scale, 0.0 if softcap is None else float(softcap))
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad or (
+        s_aux is not None and s_aux.requires_grad))
+    if needs_grad or torch.compiler.is_compiling():
+        out, lse = sink_window_fwd(*args)
+    else:
+        out, lse = _forward(*args)
     if not return_lse:
         return out
     # The kernels keep log2 units and +inf for empty rows (so that their backward's exp2(s - lse) is 0).
@@ -1187,6 +1384,5 @@ def sink_window_attention_triton(query, key, value, *, sink_tokens: int, window:
         segments = segment_table(segment_ids, kv_valid)
     elif kv_valid is not None:
         kv_spans = kv_valid_to_spans(kv_valid)
-    return sink_window_attention_segments(query, key, value, sink_tokens=sink_tokens, window=window, scale=scale,
-                                          softcap=softcap, s_aux=s_aux, kv_spans=kv_spans, segments=segments,
-                                          return_lse=return_lse)
+    return _checked_call(query, key, value, sink_tokens, window, scale, softcap, s_aux, kv_spans, segments,
+                         return_lse)
