@@ -10,10 +10,11 @@ Importing the package registers the ``longctx_*`` attention implementations, so
 ``longctx_*`` rope types, so a checkpoint saved with one loads with a plain ``from_pretrained``.
 """
 
-from . import training
+from . import sparse, training
 from .attention import register as _register_attention
 from .cache import LongCtxCache
-from .config import KVEviction, LongCtxConfig, RopeScaling, SinkAttention, Speculative
+from .config import (KVEviction, LongCtxConfig, RopeScaling, SinkAttention, SoftplusAttention, SparseAttention,
+                     Speculative)
 from .patching import UnsupportedModelError, from_pretrained, patch, patched_config, unpatch
 from .rope import register as _register_rope
 from .speculative import speculative_generate
@@ -29,12 +30,15 @@ __all__ = [
     "LongCtxConfig",
     "RopeScaling",
     "SinkAttention",
+    "SoftplusAttention",
+    "SparseAttention",
     "Speculative",
     "UnsupportedModelError",
     "__version__",
     "from_pretrained",
     "patch",
     "patched_config",
+    "sparse",
     "speculative_generate",
     "training",
     "unpatch",

@@ -121,10 +121,11 @@ class KVEviction:
             prefers recent tokens anyway).
         window: observation window: how many of the latest queries score the keys at a prefill; >= 1.
         pooling: odd kernel size (tokens) of the average pooling of scores along the keys; 1 = none.
-        every: evict once ``every`` tokens beyond the budget have accumulated; 1 = as soon as over budget.
-            Larger values amortise the compaction copy over ``every`` decoding steps.
+        every: evict once ``every`` tokens beyond the budget have accumulated; 1 = as soon as over budget
+            (a write of more than ``every`` tokens evicts down to the budget first). Larger values amortise
+            the scoring and compaction over ``every`` decoding steps: the steps between score nothing.
         prefill_chunk: if set, ``generate`` runs the prefill in chunks of this many tokens and evicts
-            after each, so the cache holds at most about ``budget + prefill_chunk`` tokens.
+            before each, so each layer holds at most ``budget + max(every, prefill_chunk)`` tokens.
         base: the token policy under ``kvcrush`` and ``think``; one of KV_BASE_POLICIES.
         representatives: ``kvcrush`` only: fraction in (0, 1] of the budget (beyond sinks and recent)
             filled with representatives of otherwise evicted tokens.
@@ -377,17 +378,21 @@ class Speculative:
     """Speculative decoding (``hf_longctx.speculative``): a draft proposes tokens, the target verifies them all
     in one forward; the output has the target's distribution (greedy: the same tokens as plain ``generate``).
 
-    Shorthands: ``"draft:org/draft-model"`` (positional values: draft, num_draft_tokens); ``"self"`` is
-    self-speculation (planned, not built yet: a ValueError at generate).
+    Shorthands: ``"draft:org/draft-model"`` (positional values: draft, num_draft_tokens); ``"self:4"`` is
+    self-speculation: the target drafts through a sink + window view of its own ``LongCtxCache``.
 
     Attributes:
         draft: ``"self"``, a ``PreTrainedModel`` with the target's vocabulary, or its name or path. In config.json a
             model is recorded by its ``name_or_path`` (None for a model built in memory; loading such a config
             raises: give the model again with ``lc.patch(model, speculative=Speculative(draft=model))``).
         draft_kv: the eviction bounding the draft's own cache (a ``KVEviction``, dict or shorthand such as
-            ``"streaming:1024"``), or None to keep the draft's whole cache.
+            ``"streaming:1024"``), or None to keep the draft's whole cache. With ``draft="self"``: the view the
+            target drafts through, a ``streaming`` eviction with a budget (its ``sink_tokens`` first stored
+            tokens and the most recent ones up to ``budget``); None: ``"streaming:1024"``.
         num_draft_tokens: tokens drafted per round, >= 1, or ``"adaptive"``: up to ``max_draft_tokens``, stopping
-            early once the draft's probability of its own token falls under ``threshold``.
+            early once the draft's probability of its own token falls under ``threshold``, and switching
+            speculation off for the rest of the call when the measured draft and verification times make its
+            expected gain < 1 (``hf_longctx.speculative.gain``).
         max_draft_tokens: the most tokens an adaptive round drafts; >= 1.
         threshold: ``"adaptive"`` only: the draft confidence, in (0, 1), under which a round stops drafting.
     """
@@ -421,6 +426,19 @@ class Speculative:
             0 < self.threshold < 1
         ):
             raise ValueError(f"{owner}: `threshold` must be a number in (0, 1), got {self.threshold!r}")
+        view = self.draft_kv
+        if self.draft == "self" and view is not None and (
+            view.policy != "streaming" or view.budget is None or view.budget <= view.sink_tokens
+        ):
+            raise ValueError(
+                f"{owner}: with draft='self', `draft_kv` is the view the target drafts through: a 'streaming' "
+                f"eviction with a budget above its sink_tokens (e.g. 'streaming:1024'), got {view!r}"
+            )
+
+    @property
+    def self_view(self) -> KVEviction:
+        """Self-speculation's view: ``draft_kv``, or ``streaming:1024`` when unset."""
+        return self.draft_kv if self.draft_kv is not None else KVEviction(policy="streaming", budget=1024)
 
     @property
     def name(self) -> str:
@@ -493,9 +511,103 @@ class ShiftedSparseAttention:
         return SinkAttention(sink_tokens=self.sink_tokens, window=self.window or max(kv_len, 1))
 
 
+@dataclass(frozen=True)
+class SoftplusAttention:
+    """Softplus attention (``hf_longctx.attention.softplus``): LSSA, or LSSAR with re-weighting.
+
+    Logits are ``log(D) * log(N_i) * cos(q_i, k_j)`` (q and k normalised per head, the model's 1/sqrt(D) scaling
+    ignored), weights ``softplus(logit) / sum``; LSSAR re-weights them by ``relu(N_i * A_ij - 1) ** power``
+    and renormalises. A model trained with softmax needs training into it (fine-tuning or from scratch).
+
+    Attributes:
+        reweight: LSSAR (True, the paper's best) or plain LSSA (False).
+        power: the re-weighting exponent p, an integer in [1, 64] (default 15, as in the paper).
+    """
+
+    reweight: bool = True
+    power: int = 15
+
+    kind: ClassVar[str] = "attention"
+    name: ClassVar[str] = "softplus"
+    shorthand_fields: ClassVar[tuple[str, ...]] = ("power",)
+
+    def __post_init__(self) -> None:
+        owner = "SoftplusAttention"
+        if not isinstance(self.reweight, bool):
+            raise ValueError(f"{owner}: `reweight` must be true or false, got {self.reweight!r}")
+        _check_int(owner, "power", self.power, 1)
+        if self.power > 64:
+            raise ValueError(f"{owner}: `power` must be an integer in [1, 64], got {self.power!r}")
+
+
+SPARSE_PATTERNS = ("auto", "vertical_slash", "block_topk")
+SPARSE_BLOCK_SIZES = (16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class SparseAttention:
+    """Dynamic block-sparse prefill (``hf_longctx.sparse``): each head attends to the key blocks / columns its
+    pattern estimates for the prompt at hand; dense causal attention below ``min_seq_len`` and for decode.
+
+    Attributes:
+        pattern: ``"block_topk"`` (pooled query/key blocks pick key blocks per query block),
+            ``"vertical_slash"`` (the last ``last_q`` queries pick key columns and diagonals), or ``"auto"``:
+            each head's pattern from ``head_patterns`` (written by ``lc.sparse.calibrate``; block_topk for
+            every head until calibrated, with a warning).
+        density: fraction in (0, 1] of each query block's causal key blocks (block_topk), or of the keys an
+            average query sees (vertical_slash); None: select by ``mass``.
+        mass: with ``density`` None, the attention mass in (0, 1] the selection keeps.
+        min_seq_len: prompts shorter than this many tokens run dense; >= 1.
+        last_q: queries the vertical-slash estimate reads; >= 1.
+        block_size: tokens per query/key block; one of 16, 32, 64, 128.
+        head_patterns: per layer (index = ``layer_idx``) a list with one pattern name per query head, or None.
+    """
+
+    pattern: str = "auto"
+    density: float | None = None
+    mass: float = 0.95
+    min_seq_len: int = 8192
+    last_q: int = 64
+    block_size: int = 128
+    head_patterns: Any = None
+
+    kind: ClassVar[str] = "attention"
+    name: ClassVar[str] = "sparse"
+    shorthand_fields: ClassVar[tuple[str, ...]] = ("pattern", "density")
+    omitted_at_default: ClassVar[tuple[str, ...]] = ("block_size", "head_patterns")
+
+    def __post_init__(self) -> None:
+        owner = "SparseAttention"
+        if self.pattern not in SPARSE_PATTERNS:
+            raise ValueError(f"{owner}: unknown `pattern` {self.pattern!r}; accepted: {', '.join(SPARSE_PATTERNS)}")
+        if self.density is not None:
+            _check_fraction(owner, "density", self.density)
+        _check_fraction(owner, "mass", self.mass)
+        _check_int(owner, "min_seq_len", self.min_seq_len, 1)
+        _check_int(owner, "last_q", self.last_q, 1)
+        if self.block_size not in SPARSE_BLOCK_SIZES or isinstance(self.block_size, bool):
+            raise ValueError(f"{owner}: `block_size` must be one of {SPARSE_BLOCK_SIZES}, got {self.block_size!r}")
+        if self.head_patterns is not None:
+            named = [p for p in SPARSE_PATTERNS if p != "auto"]
+            if isinstance(self.head_patterns, (str, bytes)) or not all(
+                isinstance(layer, (list, tuple)) and all(p in named for p in layer) for layer in self.head_patterns
+            ):
+                raise ValueError(f"{owner}: `head_patterns` must be a list (per layer) of lists of "
+                                 f"{', '.join(named)} (one per head), got {self.head_patterns!r}")
+            object.__setattr__(self, "head_patterns", tuple(tuple(layer) for layer in self.head_patterns))
+
+    def config_fields(self) -> dict[str, Any]:
+        """The fields as config.json stores them (``head_patterns`` as plain lists)."""
+        fields = dataclasses.asdict(self)
+        if self.head_patterns is not None:
+            fields["head_patterns"] = [list(layer) for layer in self.head_patterns]
+        return fields
+
+
 # Every implemented feature, by kind and shorthand name. A kind with no entry is planned, not built.
 FEATURES: dict[str, dict[str, type]] = {
-    "attention": {SinkAttention.name: SinkAttention, **{name: ShiftedSparseAttention for name in S2_TYPES}},
+    "attention": {SinkAttention.name: SinkAttention, **{name: ShiftedSparseAttention for name in S2_TYPES},
+                  SoftplusAttention.name: SoftplusAttention, SparseAttention.name: SparseAttention},
     "rope": {name: RopeScaling for name in ROPE_TYPES},
     "kv": {policy: KVEviction for policy in KV_POLICIES},
     "speculative": {mode: Speculative for mode in SPECULATIVE_MODES},

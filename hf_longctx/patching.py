@@ -24,9 +24,10 @@ from typing import Any
 
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .attention import ATTENTION_NAME, KV_ATTENTION_NAME, REMAP_ATTENTION_NAME, S2_ATTENTION_NAME
+from .attention import (ATTENTION_NAME, KV_ATTENTION_NAME, REMAP_ATTENTION_NAME, S2_ATTENTION_NAME,
+                        SOFTPLUS_ATTENTION_NAME, SPARSE_ATTENTION_NAME)
 from .cache.generate import prepare_cache_for_generation
-from .config import LongCtxConfig, ShiftedSparseAttention, SinkAttention
+from .config import LongCtxConfig, ShiftedSparseAttention, SinkAttention, SoftplusAttention, SparseAttention
 from .rope.apply import RopeState, apply_rope_scaling, restore_rope_scaling
 from .speculative import bind_generate, load_draft
 
@@ -133,6 +134,10 @@ def patch(model: PreTrainedModel, config: LongCtxConfig | dict | None = None, **
         model.set_attn_implementation(ATTENTION_NAME)
     if isinstance(wanted.attention, ShiftedSparseAttention):
         model.set_attn_implementation(S2_ATTENTION_NAME)
+    if isinstance(wanted.attention, SoftplusAttention):
+        model.set_attn_implementation(SOFTPLUS_ATTENTION_NAME)
+    if isinstance(wanted.attention, SparseAttention):
+        model.set_attn_implementation(SPARSE_ATTENTION_NAME)
     if wanted.rope is not None and wanted.rope.on_attention_path:
         model.set_attn_implementation(REMAP_ATTENTION_NAME)
     if wanted.kv is not None:

@@ -1,0 +1,216 @@
+"""Triton softplus attention (hf_longctx.kernels.softplus) against the PyTorch reference.
+
+Unmarked tests run through the Triton interpreter on CPU (TRITON_INTERPRET=1, tiny odd shapes, fp32);
+``@pytest.mark.cuda`` tests run the compiled kernels at full size with the bf16 rule (error against the fp32
+reference at most twice that of the bf16 reference).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_longctx.kernels import softplus as sp
+from hf_longctx.kernels.reference_softplus import row_scale, softplus_attention, unit, visible_counts
+
+pytestmark = pytest.mark.skipif(sp.triton is None, reason="triton is not installed")
+
+
+def inputs(B, H, Hkv, Sq, Skv, D, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    make = lambda *shape: torch.randn(*shape, generator=g, device=device).to(dtype).requires_grad_()  # noqa: E731
+    return make(B, H, Sq, D), make(B, Hkv, Skv, D), make(B, Hkv, Skv, D)
+
+
+def run_both(q, k, v, **kwargs):
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(q.device, q.dtype)
+    results = []
+    for fn in (sp.softplus_attention_triton, softplus_attention):
+        out = fn(q, k, v, **kwargs)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    return results
+
+
+def assert_match(got, expected, atol):
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+        assert torch.isfinite(a).all(), name
+        err = (a.float() - b.float()).abs().max().item()
+        scale = b.float().abs().max().item()
+        assert err <= atol * max(1.0, scale), f"{name}: max error {err:.3g} (scale {scale:.3g})"
+
+
+@pytest.mark.parametrize("reweight", [False, True])
+@pytest.mark.parametrize("shape", [(1, 2, 1, 37, 37, 32), (2, 4, 2, 5, 29, 32), (1, 2, 2, 1, 21, 48)])
+def test_matches_reference(reweight, shape):
+    got, expected = run_both(*inputs(*shape), reweight=reweight)
+    assert_match(got, expected, 1e-4)
+
+
+@pytest.mark.parametrize("reweight", [False, True])
+def test_padding_and_packed_sequences(reweight):
+    q, k, v = inputs(2, 4, 2, 29, 29, 32, seed=1)
+    valid = torch.ones(2, 29, dtype=torch.bool)
+    valid[0, :6] = False
+    valid[1, 20:] = False
+    got, expected = run_both(q, k, v, reweight=reweight, kv_valid=valid)
+    assert_match(got, expected, 1e-4)
+    assert torch.equal(got[0][0, :, :6], torch.zeros_like(got[0][0, :, :6]))
+    segments = torch.tensor([[0] * 10 + [1] * 12 + [2] * 7, [0] * 3 + [1] * 26])
+    got, expected = run_both(q, k, v, reweight=reweight, segment_ids=segments)
+    assert_match(got, expected, 1e-4)
+
+
+def test_power_one_and_uniform_rows():
+    q, k, v = inputs(1, 2, 1, 19, 19, 32, seed=2)
+    got, expected = run_both(q, k, v, reweight=True, power=1)
+    assert_match(got, expected, 1e-4)
+    zero_q = torch.zeros_like(q).requires_grad_()  # every row uniform: LSSAR rows past the third give zeros
+    got, expected = run_both(zero_q, k, v, reweight=True)
+    assert_match(got, expected, 1e-4)
+
+
+def test_bad_input_raises():
+    q, k, v = inputs(1, 2, 1, 4, 4, 32)
+    with pytest.raises(ValueError, match="power"):
+        sp.softplus_attention_triton(q, k, v, power=100)
+    with pytest.raises(ValueError, match="head_dim"):
+        sp.softplus_attention_triton(*inputs(1, 2, 1, 4, 4, 20))
+
+
+def test_interpreter_blocks_unequal(monkeypatch):
+    """BLOCK_M != BLOCK_N (as on the GPU: 128 x 64 forward, 32 x 128 dK/dV): several masked key blocks per
+    query block and several masked row blocks per key block."""
+    q, k, v = inputs(1, 2, 1, 45, 45, 32, seed=5)
+    for m, n in ((32, 16), (16, 32)):
+        monkeypatch.setitem(sp.INTERPRET_BLOCKS, "m", m)
+        monkeypatch.setitem(sp.INTERPRET_BLOCKS, "n", n)
+        for reweight in (False, True):
+            got, expected = run_both(q, k, v, reweight=reweight)
+            assert_match(got, expected, 1e-4)
+
+
+if sp.triton is not None:
+    @sp.triton.jit
+    def _tile_probe(X, A, SIG):
+        """a and sig of the kernels' score tile for x = the 16 x 16 values at X (k = identity)."""
+        tl = sp.tl
+        r = tl.arange(0, 16)
+        x = tl.load(X + r[:, None] * 16 + r[None, :])
+        eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
+        a, sig = sp._tile(x, eye, r, r, 0, 16, False, True, tl.float32, "ieee")
+        tl.store(A + r[:, None] * 16 + r[None, :], a)
+        tl.store(SIG + r[:, None] * 16 + r[None, :], sig)
+
+
+def test_softplus_polynomials_over_the_logit_range():
+    """The kernels' softplus (one exp2 + a polynomial) and sigmoid against torch over |x| <= 100 (log2 units;
+    the largest logit is log(D) log2(N) < 90 at D=256, N=2^20): relative error < 2e-5 on both."""
+    x = torch.cat([torch.linspace(-100, 100, 4096 - 256), torch.linspace(-2, 2, 256)]).reshape(16, 16, 16)
+    ln2 = 0.6931471805599453
+    for tile in x:
+        tile = tile.contiguous()
+        a, sig = torch.empty_like(tile), torch.empty_like(tile)
+        _tile_probe[(1,)](tile, a, sig)
+        xs = tile.double() * ln2
+        want_a = torch.nn.functional.softplus(xs) / ln2
+        want_sig = torch.sigmoid(xs)
+        assert ((a.double() - want_a).abs() / want_a).max().item() < 2e-5
+        assert ((sig.double() - want_sig).abs() / want_sig).max().item() < 2e-5
+
+
+# GPU tests: compiled kernels, the bf16 rule against a same-dtype PyTorch computation
+# ------------------------------------------------------------------------------------------------
+def eager_softplus(q, k, v, reweight, power=15):
+    """Softplus attention as a bf16/fp16 model would run it in PyTorch (dense, no padding): q, k normalised in
+    fp32 and rounded, QK^T and W V in the inputs' dtype, softplus / normalisation / re-weighting in fp32 (as
+    transformers' eager softmax does), weights rounded to the inputs' dtype. The error bar of the bf16 rule."""
+    B, H, S, D = q.shape
+    G = H // k.shape[1]
+    kk = unit(k).to(k.dtype).repeat_interleave(G, dim=1)
+    vv = v.repeat_interleave(G, dim=1)
+    cos = torch.matmul(unit(q).to(q.dtype), kk.transpose(-1, -2)).float()
+    n = visible_counts(B, S, k.shape[2], q.device)[:, None, :, None]
+    mask = torch.ones(S, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - S)
+    a = torch.nn.functional.softplus(cos * row_scale(n, D)).masked_fill(~mask, 0.0)
+    w = a / a.sum(-1, keepdim=True)
+    if reweight:
+        y = torch.relu(n * w - (n > 3).float()).masked_fill(~mask, 0.0)
+        r = (y / y.detach().amax(-1, keepdim=True).clamp_min(1e-30)) ** power
+        w = r / r.sum(-1, keepdim=True).clamp_min(1e-30)
+    return torch.matmul(w.to(q.dtype), vv)
+
+
+def _check_2x(name, ours, base, oracle):
+    """Max |error| vs the fp32 oracle <= 2x that of the same-dtype computation plus one 16-bit ulp of the
+    largest oracle value (both results are rounded to 16 bits last); mean |error| <= 2x. Prints both."""
+    d_ours = (ours.float() - oracle).abs()
+    d_base = (base.float() - oracle).abs()
+    scale = oracle.abs().max().item() + 1e-6
+    ulp = scale * (2.0**-8 if ours.dtype == torch.bfloat16 else 2.0**-11)
+    print(f"{name}: ours max {d_ours.max().item():.3e} mean {d_ours.mean().item():.3e} | same-dtype torch max "
+          f"{d_base.max().item():.3e} mean {d_base.mean().item():.3e} | scale {scale:.3e}")
+    assert torch.isfinite(ours).all(), f"{name}: not finite"
+    assert d_ours.max().item() <= 2 * d_base.max().item() + ulp, name
+    assert d_ours.mean().item() <= 2 * d_base.mean().item() + 1e-6 * scale, name
+
+
+@pytest.fixture
+def first_config_only(monkeypatch):
+    """One compile per kernel (HF_LONGCTX_AUTOTUNE=0) so the GPU tests finish quickly; test_cuda_every_config
+    runs the others."""
+    monkeypatch.setenv("HF_LONGCTX_AUTOTUNE", "0")
+    monkeypatch.setattr(sp, "_TUNED", {})
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("reweight", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 8, 2, 1000, 1000, 128), (2, 4, 4, 777, 2048, 64), (1, 4, 1, 1, 3000, 128)])
+def test_cuda_same_dtype_rule(first_config_only, reweight, dtype, shape):
+    q, k, v = inputs(*shape, dtype=dtype, device="cuda", seed=3)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(q.device, q.dtype)
+    out = sp.softplus_attention_triton(q, k, v, reweight=reweight)
+    ours = (out, *torch.autograd.grad(out, (q, k, v), grad))
+    base_out = eager_softplus(q, k, v, reweight)
+    base = (base_out, *torch.autograd.grad(base_out, (q, k, v), grad))
+    fp32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = softplus_attention(*fp32, reweight=reweight)
+    exact = (ref, *torch.autograd.grad(ref, fp32, grad.float()))
+    for name, a, b, e in zip(("out", "dq", "dk", "dv"), ours, base, exact):
+        _check_2x(f"{shape} reweight={reweight} {name}", a, b, e.detach())
+
+
+@pytest.mark.cuda
+def test_cuda_padding_and_packing(first_config_only):
+    q, k, v = inputs(2, 8, 2, 700, 700, 128, dtype=torch.bfloat16, device="cuda", seed=4)
+    valid = torch.ones(2, 700, dtype=torch.bool, device="cuda")
+    valid[0, :123] = False
+    segments = torch.tensor([[0] * 300 + [1] * 400, [0] * 650 + [1] * 50], device="cuda")
+    for kwargs in ({"kv_valid": valid}, {"segment_ids": segments}):
+        got = run_both(q, k, v, reweight=True, **kwargs)[0]
+        fp32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+        exact = run_both(*fp32, reweight=True, **kwargs)[1]
+        for name, a, e in zip(("out", "dq", "dk", "dv"), got, exact):
+            err = (a.float() - e).abs().max().item()
+            scale = e.abs().max().item()
+            print(f"{list(kwargs)[0]} {name}: max error {err:.3e}, scale {scale:.3e}")
+            assert err <= 3e-2 * max(scale, 1e-3), name
+
+
+@pytest.mark.cuda
+def test_cuda_every_config(monkeypatch):
+    """Each autotuning config of each kernel, run alone (the autotuner may pick any of them)."""
+    q, k, v = inputs(1, 4, 2, 600, 600, 128, dtype=torch.bfloat16, device="cuda", seed=6)
+    fp32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    exact = run_both(*fp32, reweight=True)[1]
+    for kind in ("fwd", "dq", "dkdv"):
+        for index in range(1, len(sp._configs(kind, 128))):
+            configs = {key: sp._configs(key, 128)[:1] for key in ("fwd", "dq", "dkdv")}
+            configs[kind] = [sp._configs(kind, 128)[index]]
+            monkeypatch.setattr(sp, "_TUNED", {})
+            monkeypatch.setattr(sp, "_configs", lambda key, d, configs=configs: configs[key])
+            got = run_both(q, k, v, reweight=True)[0]
+            for name, a, e in zip(("out", "dq", "dk", "dv"), got, exact):
+                err = (a.float() - e).abs().max().item()
+                print(f"{kind} config {index} {name}: max error {err:.3e}, scale {e.abs().max().item():.3e}")
+                assert err <= 3e-2 * max(e.abs().max().item(), 1e-3), (kind, index, name)
