@@ -29,7 +29,14 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 from ..config import ShiftedSparseAttention, SinkAttention, parse_feature
-from .sink import check_call, module_inv_freq, packed_segments, sink_attention, sink_window_attention
+from .sink import (
+    autocast_inputs,
+    check_call,
+    module_inv_freq,
+    packed_segments,
+    sink_attention,
+    sink_window_attention,
+)
 
 S2_ATTENTION_NAME = "longctx_s2"
 
@@ -181,6 +188,7 @@ def s2_attention_forward(
         ((B, Sq, H, D) contiguous, None).
     """
     check_call(S2_ATTENTION_NAME, dropout, attention_mask)
+    query, key, value = autocast_inputs(query, key, value)
     feature = s2_parameters(module.config)
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
