@@ -22,13 +22,24 @@ def inputs(B, H, Hkv, Sq, Skv, D, dtype=torch.float32, device="cpu", seed=0):
     return make(B, H, Sq, D), make(B, Hkv, Skv, D), make(B, Hkv, Skv, D)
 
 
+def out_and_grads(fn, q, k, v, grad, **kwargs):
+    """(out, dq, dk, dv) of ``fn`` for the output gradient ``grad``."""
+    out = fn(q, k, v, **kwargs)
+    return (out, *torch.autograd.grad(out, (q, k, v), grad))
+
+
 def run_both(q, k, v, **kwargs):
+    """(Triton results, reference results) on the same inputs and the same output gradient."""
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(q.device, q.dtype)
-    results = []
-    for fn in (sp.softplus_attention_triton, softplus_attention):
-        out = fn(q, k, v, **kwargs)
-        results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
-    return results
+    return [out_and_grads(fn, q, k, v, grad, **kwargs) for fn in (sp.softplus_attention_triton, softplus_attention)]
+
+
+def run_vs_fp32(q, k, v, **kwargs):
+    """(Triton results on 16-bit inputs, fp32 reference results on the same values and output gradient)."""
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(q.device, q.dtype)
+    fp32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    return (out_and_grads(sp.softplus_attention_triton, q, k, v, grad, **kwargs),
+            out_and_grads(softplus_attention, *fp32, grad.float(), **kwargs))
 
 
 def assert_match(got, expected, atol):
@@ -89,6 +100,25 @@ def test_interpreter_blocks_unequal(monkeypatch):
             assert_match(got, expected, 1e-4)
 
 
+def gpu_blocks() -> list:
+    """Every (BLOCK_M, BLOCK_N) of the GPU autotuning spaces (all kernels, both head-dim ranges)."""
+    return sorted({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for d in (128, 256) for kind in ("fwd", "dq", "dkdv")
+                   for c in sp._configs(kind, d)})
+
+
+@pytest.mark.parametrize("blocks", gpu_blocks(), ids=lambda b: f"{b[0]}x{b[1]}")
+def test_interpreter_gpu_blocks(monkeypatch, blocks):
+    """The block shapes the GPU runs (not only the interpreter's 16 x 16): chunked prefill with GQA 2:1, a
+    partial last key block and query rows that start inside a key block; and a decode row over 2-10 key blocks."""
+    monkeypatch.setitem(sp.INTERPRET_BLOCKS, "m", blocks[0])
+    monkeypatch.setitem(sp.INTERPRET_BLOCKS, "n", blocks[1])
+    for shape in ((1, 4, 2, 40, 150, 32), (1, 2, 1, 1, 150, 32)):
+        q, k, v = inputs(*shape, seed=7)
+        for reweight in (False, True):
+            got, expected = run_both(q, k, v, reweight=reweight)
+            assert_match(got, expected, 1e-4)
+
+
 if sp.triton is not None:
     @sp.triton.jit
     def _tile_probe(X, A, SIG):
@@ -97,7 +127,7 @@ if sp.triton is not None:
         r = tl.arange(0, 16)
         x = tl.load(X + r[:, None] * 16 + r[None, :])
         eye = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
-        a, sig = sp._tile(x, eye, r, r, 0, 16, False, True, tl.float32, "ieee")
+        a, sig = sp._tile(x, eye, r, r, 0, 16, False, True, False, tl.float32, "ieee")
         tl.store(A + r[:, None] * 16 + r[None, :], a)
         tl.store(SIG + r[:, None] * 16 + r[None, :], sig)
 
@@ -180,37 +210,49 @@ def test_cuda_same_dtype_rule(first_config_only, reweight, dtype, shape):
         _check_2x(f"{shape} reweight={reweight} {name}", a, b, e.detach())
 
 
+def eager_spans(q, k, v, spans, reweight):
+    """``eager_softplus`` run separately on each (batch, start, end) span of a padded / packed batch (Sq == Skv);
+    rows outside every span are 0, as the kernels give for padding."""
+    out = torch.zeros_like(q)
+    for b, lo, hi in spans:
+        out[b, :, lo:hi] = eager_softplus(q[b:b + 1, :, lo:hi], k[b:b + 1, :, lo:hi], v[b:b + 1, :, lo:hi],
+                                          reweight)[0]
+    return out
+
+
 @pytest.mark.cuda
 def test_cuda_padding_and_packing(first_config_only):
+    """Left padding and packed sequences against the same-dtype computation run per sequence (the bf16 rule)."""
     q, k, v = inputs(2, 8, 2, 700, 700, 128, dtype=torch.bfloat16, device="cuda", seed=4)
     valid = torch.ones(2, 700, dtype=torch.bool, device="cuda")
     valid[0, :123] = False
     segments = torch.tensor([[0] * 300 + [1] * 400, [0] * 650 + [1] * 50], device="cuda")
-    for kwargs in ({"kv_valid": valid}, {"segment_ids": segments}):
-        got = run_both(q, k, v, reweight=True, **kwargs)[0]
-        fp32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
-        exact = run_both(*fp32, reweight=True, **kwargs)[1]
-        for name, a, e in zip(("out", "dq", "dk", "dv"), got, exact):
-            err = (a.float() - e).abs().max().item()
-            scale = e.abs().max().item()
-            print(f"{list(kwargs)[0]} {name}: max error {err:.3e}, scale {scale:.3e}")
-            assert err <= 3e-2 * max(scale, 1e-3), name
+    cases = (({"kv_valid": valid}, [(0, 123, 700), (1, 0, 700)]),
+             ({"segment_ids": segments}, [(0, 0, 300), (0, 300, 700), (1, 0, 650), (1, 650, 700)]))
+    for kwargs, spans in cases:
+        for reweight in (False, True):
+            ours, exact = run_vs_fp32(q, k, v, reweight=reweight, **kwargs)
+            grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(q.device, q.dtype)
+            base = out_and_grads(lambda *t: eager_spans(*t, spans, reweight), q, k, v, grad)
+            for name, a, b, e in zip(("out", "dq", "dk", "dv"), ours, base, exact):
+                _check_2x(f"{list(kwargs)[0]} reweight={reweight} {name}", a, b, e.detach())
 
 
 @pytest.mark.cuda
 def test_cuda_every_config(monkeypatch):
-    """Each autotuning config of each kernel, run alone (the autotuner may pick any of them)."""
+    """Each autotuning config of each kernel, run alone (the autotuner may pick any of them), LSSA and LSSAR."""
     q, k, v = inputs(1, 4, 2, 600, 600, 128, dtype=torch.bfloat16, device="cuda", seed=6)
-    fp32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    exact = run_both(*fp32, reweight=True)[1]
-    for kind in ("fwd", "dq", "dkdv"):
-        for index in range(1, len(sp._configs(kind, 128))):
-            configs = {key: sp._configs(key, 128)[:1] for key in ("fwd", "dq", "dkdv")}
-            configs[kind] = [sp._configs(kind, 128)[index]]
+    spaces = {kind: sp._configs(kind, 128) for kind in ("fwd", "dq", "dkdv")}
+    for kind, space in spaces.items():
+        for index in range(1, len(space)):
+            configs = {key: configs[:1] for key, configs in spaces.items()}
+            configs[kind] = [space[index]]
             monkeypatch.setattr(sp, "_TUNED", {})
             monkeypatch.setattr(sp, "_configs", lambda key, d, configs=configs: configs[key])
-            got = run_both(q, k, v, reweight=True)[0]
-            for name, a, e in zip(("out", "dq", "dk", "dv"), got, exact):
-                err = (a.float() - e).abs().max().item()
-                print(f"{kind} config {index} {name}: max error {err:.3e}, scale {e.abs().max().item():.3e}")
-                assert err <= 3e-2 * max(e.abs().max().item(), 1e-3), (kind, index, name)
+            for reweight in (False, True):
+                got, exact = run_vs_fp32(q, k, v, reweight=reweight)
+                for name, a, e in zip(("out", "dq", "dk", "dv"), got, exact):
+                    err = (a.float() - e).abs().max().item()
+                    scale = e.abs().max().item()
+                    print(f"{kind} config {index} reweight={reweight} {name}: max error {err:.3e}, scale {scale:.3e}")
+                    assert err <= 3e-2 * max(scale, 1e-3), (kind, index, reweight, name)

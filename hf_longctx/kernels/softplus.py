@@ -23,7 +23,10 @@ sigmoid is a polynomial in the same t (no divide). See benchmarks/NOTES-softplus
   Stats kept for the backward: Z, peak, S = sum r, as a (3, B, H, Sq) float32 tensor.
 * Backward: ``_bwd_dq_kernel`` (query blocks; computes delta = rowsum(dO * O); for LSSAR first a pass for
   gamma_i = sum_j A_ij dA_ij, then dq) and ``_bwd_dkdv_kernel`` (key blocks, looping over the G heads of the
-  group and the query rows at or after the block; no atomics).
+  group and the query rows at or after the block; no atomics). The dK/dV kernel works on transposed tiles
+  [BLOCK_N, BLOCK_M] computed as k q^T and v dO^T, so no computed tile is transposed before a tl.dot: that
+  pattern (tl.trans of an MMA result, lowered through a #linear layout to wgmma) gave a wrong dK on the H100
+  with triton 3.6 (issue 8; the interpreter does not reproduce it).
 
 Masks: the sink kernel's segments (``sink_window.kv_valid_to_spans`` / ``segment_table``, mode 0 / 1 / 2; see
 that module) and its program-to-segment map; rows and keys beyond a segment's keys are masked, and a fully
@@ -80,21 +83,30 @@ if triton is not None:
         return result
 
     @triton.jit
-    def _tile(q, k, rows, cols, k_lo, k_hi, MASKED: tl.constexpr, GRAD: tl.constexpr, DOT_T: tl.constexpr,
-              DOT_PREC: tl.constexpr):
-        """(a, sig) of a [BM, BN] tile; x = q . k (log2 units: q carries log(D) log2(N_i)).
+    def _tile(q, k, rows, cols, k_lo, k_hi, MASKED: tl.constexpr, GRAD: tl.constexpr, KEYS_FIRST: tl.constexpr,
+              DOT_T: tl.constexpr, DOT_PREC: tl.constexpr):
+        """(a, sig) of a [BM, BN] tile (rows x keys), or of its transpose [BN, BM] with KEYS_FIRST (computed as
+        k q^T: the dK/dV kernel then never transposes a computed tile, see _dkdv_pass); x = q . k (log2 units: q
+        carries log(D) log2(N_i)).
 
         a = log2(1 + exp2(x)) = max(x, 0) + log2(1 + t), t = exp2(-|x|) in (0, 1]: ONE ex2 on the MUFU; the
         log is the polynomial t * P(t) (degree 5; relative error 8e-6 on [0, 1]). sig = sigmoid(x ln 2) = da/dx (GRAD
         only, again a polynomial in the same t: t / (1 + t) = t * R(t), degree 6, relative error 9e-6). a = 0 masked.
         """
-        x = tl.dot(q.to(DOT_T), tl.trans(k.to(DOT_T)), input_precision=DOT_PREC)
+        if KEYS_FIRST:
+            x = tl.dot(k.to(DOT_T), tl.trans(q.to(DOT_T)), input_precision=DOT_PREC)
+        else:
+            x = tl.dot(q.to(DOT_T), tl.trans(k.to(DOT_T)), input_precision=DOT_PREC)
         t = tl.exp2(-tl.abs(x))
         log1p = t * (1.4426828622817993 + t * (-0.7204262018203735 + t * (0.46917420625686646 + t * (
             -0.30303651094436646 + t * (0.1460331827402115 + t * -0.03443600982427597)))))
         a = tl.maximum(x, 0.0) + log1p
         if MASKED:
-            ok = (cols[None, :] <= rows[:, None]) & (cols[None, :] < k_hi) & (cols[None, :] >= k_lo)
+            key_in = (cols < k_hi) & (cols >= k_lo)
+            if KEYS_FIRST:
+                ok = (cols[:, None] <= rows[None, :]) & key_in[:, None]
+            else:
+                ok = (cols[None, :] <= rows[:, None]) & key_in[None, :]
             a = tl.where(ok, a, 0.0)
         sig = a
         if GRAD:
@@ -130,7 +142,7 @@ if triton is not None:
             cols = start + offs_n
             off = tl.cast(start, tl.int64)
             k = _load_block(k_base + off * stride_kn + k_tile, cols < hi, d_ok, MASKED, BLOCK_D != HEAD_DIM)
-            a, _ = _tile(q, k, rows, cols, k_lo, k_hi, MASKED, False, DOT_T, DOT_PREC)
+            a, _ = _tile(q, k, rows, cols, k_lo, k_hi, MASKED, False, False, DOT_T, DOT_PREC)
             if PASS == 1:
                 z += tl.sum(a, 1)
                 peak = tl.maximum(peak, tl.max(a, 1))
@@ -232,27 +244,41 @@ if triton is not None:
         return inv_z, n_i, o_i, inv_peak, inv_s
 
     @triton.jit
+    def _per_row(x, KEYS_FIRST: tl.constexpr):
+        """A [BM] per-row vector shaped to broadcast over a [BM, BN] tile, or over a [BN, BM] one (KEYS_FIRST)."""
+        if KEYS_FIRST:
+            y = x[None, :]
+        else:
+            y = x[:, None]
+        return y
+
+    @triton.jit
     def _grad_scores(a, sig, dp, inv_z, n_i, o_i, inv_peak, inv_s, delta, gamma,
-                     REWEIGHT: tl.constexpr, POWER: tl.constexpr):
+                     REWEIGHT: tl.constexpr, POWER: tl.constexpr, KEYS_FIRST: tl.constexpr):
         """(P, dX, A dA) of a tile: P the attention weights, dX the gradient of x (the log2-unit logits, whose
-        d a / d x is ``sig``), A dA the terms of gamma_i = sum_j A_ij dA_ij (LSSAR; dA before the normalisation)."""
-        A = a * inv_z[:, None]
+        d a / d x is ``sig``), A dA the terms of gamma_i = sum_j A_ij dA_ij (LSSAR; dA before the normalisation).
+        The tile is [BM, BN] (rows x keys), or [BN, BM] with KEYS_FIRST; the row factors are [BM] vectors."""
+        inv_z = _per_row(inv_z, KEYS_FIRST)
+        A = a * inv_z
         if REWEIGHT:
-            u = tl.maximum(A * n_i[:, None] - o_i[:, None], 0.0)
+            n_i = _per_row(n_i, KEYS_FIRST)
+            inv_peak = _per_row(inv_peak, KEYS_FIRST)
+            inv_s = _per_row(inv_s, KEYS_FIRST)
+            u = tl.maximum(A * n_i - _per_row(o_i, KEYS_FIRST), 0.0)
             u = tl.where(a > 0.0, u, 0.0)
-            ratio = u * inv_peak[:, None]
+            ratio = u * inv_peak
             if POWER > 1:
                 lower = _ipow(ratio, POWER - 1)
             else:
                 lower = tl.where(u > 0.0, 1.0, 0.0)
-            p = lower * ratio * inv_s[:, None]
-            d_a = (dp - delta[:, None]) * (lower * (POWER * inv_peak * inv_s * n_i)[:, None])
+            p = lower * ratio * inv_s
+            d_a = (dp - _per_row(delta, KEYS_FIRST)) * (lower * (POWER * inv_peak * inv_s * n_i))
             d_a = tl.where(u > 0.0, d_a, 0.0)
-            da = (d_a - gamma[:, None]) * inv_z[:, None]
+            da = (d_a - _per_row(gamma, KEYS_FIRST)) * inv_z
         else:
             p = A
             d_a = dp
-            da = (dp - delta[:, None]) * inv_z[:, None]
+            da = (dp - _per_row(delta, KEYS_FIRST)) * inv_z
         return p, da * sig, A * d_a
 
     @triton.jit
@@ -270,9 +296,10 @@ if triton is not None:
             off = tl.cast(start, tl.int64)
             k = _load_block(k_base + off * stride_kn + k_tile, cols < hi, d_ok, MASKED, BLOCK_D != HEAD_DIM)
             v = _load_block(v_base + off * stride_vn + v_tile, cols < hi, d_ok, MASKED, BLOCK_D != HEAD_DIM)
-            a, sig = _tile(q, k, rows, cols, k_lo, k_hi, MASKED, not GAMMA_PASS, DOT_T, DOT_PREC)
+            a, sig = _tile(q, k, rows, cols, k_lo, k_hi, MASKED, not GAMMA_PASS, False, DOT_T, DOT_PREC)
             dp = tl.dot(do.to(DOT_T), tl.trans(v.to(DOT_T)), input_precision=DOT_PREC)
-            p, dx, a_da = _grad_scores(a, sig, dp, inv_z, n_i, o_i, inv_peak, inv_s, delta, gamma, REWEIGHT, POWER)
+            p, dx, a_da = _grad_scores(a, sig, dp, inv_z, n_i, o_i, inv_peak, inv_s, delta, gamma, REWEIGHT, POWER,
+                                       False)
             if GAMMA_PASS:
                 gamma += tl.sum(a_da, 1)
             else:
@@ -358,15 +385,19 @@ if triton is not None:
                                                             row_ok, REWEIGHT)
             delta = tl.load(delta_base + q_rows, mask=row_ok, other=0.0)
             gamma = tl.load(delta_base + plane + q_rows, mask=row_ok, other=0.0)
-            a, sig = _tile(q, k, rows, cols, k_lo, k_hi, MASKED, True, DOT_T, DOT_PREC)
+            # transposed tiles [BLOCK_N, BLOCK_M] straight from the MMAs (k q^T, v dO^T): a tl.trans of a computed
+            # tile feeding tl.dot gave a wrong dK on the H100 with triton 3.6 (issue 8); only loaded tiles are
+            # transposed here
+            a, sig = _tile(q, k, rows, cols, k_lo, k_hi, MASKED, True, True, DOT_T, DOT_PREC)
             if MASKED:
-                a = tl.where(row_ok[:, None], a, 0.0)
-            dp = tl.dot(do.to(DOT_T), tl.trans(v.to(DOT_T)), input_precision=DOT_PREC)
-            p, dx, a_da = _grad_scores(a, sig, dp, inv_z, n_i, o_i, inv_peak, inv_s, delta, gamma, REWEIGHT, POWER)
+                a = tl.where(row_ok[None, :], a, 0.0)
+            dp = tl.dot(v.to(DOT_T), tl.trans(do.to(DOT_T)), input_precision=DOT_PREC)
+            p, dx, a_da = _grad_scores(a, sig, dp, inv_z, n_i, o_i, inv_peak, inv_s, delta, gamma, REWEIGHT, POWER,
+                                       True)
             if MASKED:
                 dx = tl.where(a > 0.0, dx, 0.0)
-            dv = tl.dot(tl.trans(p.to(DOT_T)), do.to(DOT_T), dv, input_precision=DOT_PREC)
-            dk = tl.dot(tl.trans(dx.to(DOT_T)), q.to(DOT_T), dk, input_precision=DOT_PREC)
+            dv = tl.dot(p.to(DOT_T), do.to(DOT_T), dv, input_precision=DOT_PREC)
+            dk = tl.dot(dx.to(DOT_T), q.to(DOT_T), dk, input_precision=DOT_PREC)
         return dk, dv
 
     @triton.jit(do_not_specialize=["B", "H", "Hkv", "G", "Sq", "Skv", "SQ_BUCKET"])
@@ -443,7 +474,9 @@ def _configs(kind: str, head_dim_p: int) -> list:
                     C({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2)],
             "dq": [C({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
                    C({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2)],
-            "dkdv": [C({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=2)]}[kind]  # BLOCK_M 64 spills 1.5 KB
+            # BLOCK_M 64 spills 1.5 KB; stages 1 spills less (LSSAR 208 B vs 392 B, sm_90, triton 3.6)
+            "dkdv": [C({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+                     C({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=1)]}[kind]
 
 
 def _outer(kind: str, head_dim_p: int) -> int:
