@@ -12,7 +12,7 @@ Importing the package registers the ``longctx_*`` attention implementations, so
 
 from . import sparse, training
 from .attention import register as _register_attention
-from .cache import LongCtxCache
+from .cache import LongCtxCache, graph_generate
 from .config import (KVEviction, LongCtxConfig, RopeScaling, SinkAttention, SoftplusAttention, SparseAttention,
                      Speculative)
 from .patching import UnsupportedModelError, from_pretrained, patch, patched_config, unpatch
@@ -36,6 +36,7 @@ __all__ = [
     "UnsupportedModelError",
     "__version__",
     "from_pretrained",
+    "graph_generate",
     "patch",
     "patched_config",
     "sparse",

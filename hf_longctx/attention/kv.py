@@ -24,6 +24,14 @@ the window counts stored real tokens (which, after eviction, span more positions
 positions rule (``longctx_sink``'s ``sink_attention``) learns the queries' true positions from the tokens
 each row evicted (``LongCtxLayer.position_offset``).
 
+Static decoding (a layer's ``static_step``, for CUDA graphs: ``hf_longctx.cache.graphs``): ``key`` and ``value`` are
+the layer's whole (B, H_kv, capacity, D) buffers and only the slots below its DEVICE counter hold tokens. The query
+is attended over them from the buffers' last slot (``reserve_static`` keeps one spare), so the kernels count it
+one position past its own key: a window w is asked as w + 1, and moved sinks get their offsets to match (see
+:func:`_static_attention`). On CUDA the kernel takes the rows' key spans from the device (no host sync), moved
+sinks (``positions="cache"``, ``distance_limit``) included: ``sink_attention`` hands the spans to the kernel and
+computes the moved sinks from the 2D mask on the device.
+
 Self-speculation: while a layer has a draft view (``LongCtxLayer.set_view``, a ``SinkAttention``), the
 function attends through that sink + window rule over the stored slots instead (keys at their true
 positions; the sink kernel reads only the sinks and the window), and reports nothing to the policy.
@@ -31,6 +39,7 @@ positions; the sink kernel reads only the sinks and the window), and reports not
 
 from __future__ import annotations
 
+import dataclasses
 from contextvars import ContextVar
 from typing import Any
 
@@ -39,7 +48,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 from ..config import SinkAttention, parse_feature
-from .sink import autocast_inputs, check_call, module_inv_freq, packed_segments, sink_attention
+from .sink import (autocast_inputs, check_call, module_inv_freq, packed_segments, sink_attention,
+                   sink_window_attention)
 
 KV_ATTENTION_NAME = "longctx_kv"
 
@@ -63,11 +73,8 @@ def claim(key: torch.Tensor) -> Any:
 def _sink_rule(module: torch.nn.Module, sliding_window: int | None, kv_len: int) -> SinkAttention:
     """This layer's rule: its own sliding window, the patched sink feature, or dense (a window over all
     ``kv_len`` stored keys)."""
-    if sliding_window is not None:
-        return SinkAttention(sink_tokens=0, window=sliding_window)
-    saved = (getattr(module.config, "longctx", None) or {}).get("attention")
-    feature = parse_feature("attention", saved) if saved else None
-    return feature if isinstance(feature, SinkAttention) else SinkAttention(sink_tokens=0, window=max(kv_len, 1))
+    rule = static_rule(module, sliding_window)
+    return rule if rule is not None else SinkAttention(sink_tokens=0, window=max(kv_len, 1))
 
 
 def kv_attention_forward(
@@ -96,6 +103,8 @@ def kv_attention_forward(
     check_call(KV_ATTENTION_NAME, dropout, attention_mask)
     query, key, value = autocast_inputs(query, key, value)
     layer = claim(key)
+    if layer is not None and layer.static_step:
+        return _static_attention(module, layer, query, key, value, scaling, sliding_window, softcap, s_aux), None
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
     view = None if layer is None else layer.view
@@ -121,6 +130,53 @@ def kv_attention_forward(
         segment_ids=segments,
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def static_rule(module: torch.nn.Module, sliding_window: int | None) -> SinkAttention | None:
+    """The sink/window rule of a static step (:func:`_sink_rule` without the stored length), None for dense."""
+    if sliding_window is not None:
+        return SinkAttention(sink_tokens=0, window=sliding_window)
+    saved = (getattr(module.config, "longctx", None) or {}).get("attention")
+    feature = parse_feature("attention", saved) if saved else None
+    return feature if isinstance(feature, SinkAttention) else None
+
+
+def moves_sinks(feature: SinkAttention | None) -> bool:
+    """Whether a rule may see a sink closer than it is (``positions="cache"`` or ``distance_limit``)."""
+    return feature is not None and feature.sink_tokens > 0 and (
+        feature.positions == "cache" or feature.distance_limit is not None)
+
+
+def _static_attention(module, layer, query, key, value, scaling, sliding_window, softcap, s_aux) -> torch.Tensor:
+    """A static one-token step (module docstring): (B, Sq=1, H, D) contiguous attention over the slots below the
+    layer's device counter, the query one past them (windows + 1)."""
+    if layer.policy is not None:
+        layer.observe_static(query, scaling, softcap)
+    feature = static_rule(module, sliding_window)
+    kwargs = dict(scale=scaling, softcap=softcap, s_aux=s_aux)
+    if moves_sinks(feature):
+        # The kernels see the query at logical index n (its true one is n - 1): with window w + 1 the "cache"
+        # cap (sinks + window - 1 - t) grows by one too, so the true offset stands; a distance limit does not.
+        offset = layer.position_offset
+        if feature.distance_limit is not None:
+            offset = (offset if offset is not None else layer.evicted.new_zeros(())) - 1
+        shifted = dataclasses.replace(feature, window=feature.window + 1)
+        out = sink_attention(query, key, value, feature=shifted, position_offset=offset,
+                             inv_freq=lambda: module_inv_freq(module, query.device),
+                             kv_valid=layer.static_kv_valid(), kv_spans=layer.static_spans(), **kwargs)
+        return out.transpose(1, 2).contiguous()
+    sinks, window = (0, None) if feature is None else (feature.sink_tokens, feature.window + 1)
+    out = None
+    if query.is_cuda:
+        from ..kernels import sink_window
+
+        if sink_window.unsupported_reason(query, key, value, sink_tokens=sinks, window=window, **kwargs) is None:
+            out = sink_window.sink_window_attention_segments(query, key, value, sink_tokens=sinks, window=window,
+                                                             kv_spans=layer.static_spans(), **kwargs)
+    if out is None:  # CPU (the reference), or what the kernel cannot take (it warns once)
+        out = sink_window_attention(query, key, value, sink_tokens=sinks, window=window,
+                                    kv_valid=layer.static_kv_valid(), **kwargs)
+    return out.transpose(1, 2).contiguous()
 
 
 def register() -> None:

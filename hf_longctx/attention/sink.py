@@ -107,12 +107,16 @@ def packed_segments(
     return torch.cat([torch.zeros_like(breaks[:, :1]), breaks], dim=1).long().cumsum(dim=1)
 
 
-def sink_window_attention(query, key, value, **kwargs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def sink_window_attention(
+    query, key, value, *, kv_spans: torch.Tensor | None = None, **kwargs
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dispatch: CUDA tensors to the Triton kernel, others to the PyTorch reference.
 
     Shapes and keywords as ``kernels.reference.sink_window_attention`` (``return_lse`` included); returns
     (B, H, Sq, D), or with ``return_lse`` also the (B, H, Sq) float32 LSE. CUDA inputs the kernel cannot take
     (float32, an unsupported head_dim, ...) run on the reference, with a warning once per reason.
+    ``kv_spans``: optional (B, 2) int32 [start, end) of each row's real keys, the same keys as ``kv_valid``
+    (which must be given too): the kernel then takes them as they are, with no host sync (CUDA-graph steps).
     """
     if query.is_cuda:
         try:
@@ -122,6 +126,10 @@ def sink_window_attention(query, key, value, **kwargs) -> torch.Tensor | tuple[t
         else:
             checked = {name: value for name, value in kwargs.items() if name != "return_lse"}
             reason = sink_window.unsupported_reason(query, key, value, **checked)
+            if reason is None and kv_spans is not None:
+                kernel_kwargs = {name: value for name, value in kwargs.items() if name != "kv_valid"}
+                return sink_window.sink_window_attention_segments(query, key, value, kv_spans=kv_spans,
+                                                                  **kernel_kwargs)
             if reason is None:
                 return sink_window.sink_window_attention_triton(query, key, value, **kwargs)
         if reason not in _warned_fallbacks:
@@ -166,7 +174,7 @@ def sink_attention(
         position_offset: (B,) int64 tokens each row evicted: a token's true position is its logical index
             among the stored tokens plus this (the sinks excepted); None when nothing was evicted.
         **kwargs: ``scale``, ``softcap``, ``s_aux``, ``kv_valid``, ``segment_ids`` as in
-            ``kernels.reference.sink_window_attention``.
+            ``kernels.reference.sink_window_attention``, and ``kv_spans`` as in ``sink_window_attention``.
     Returns:
         (B, H, Sq, D) in ``query.dtype``.
     """

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from ..attention.kv import KV_ATTENTION_NAME
 from ..config import KVEviction, SinkAttention, kv_for_attention, parse_feature
@@ -39,8 +39,14 @@ class LongCtxCache(Cache):
             None grows the buffers geometrically.
         reserve: tokens to allocate at the first update of a layer that does not evict (generate
             passes its maximum length, so the buffers are allocated once); None: the first update's.
+        cuda_graphs: decode through ``hf_longctx.cache.graphs`` (``custom_generate=lc.graph_generate``, or
+            ``lc.patch(model, ..., cuda_graphs=True)``): one-token steps on static buffers, replayed as a CUDA
+            graph on CUDA; on CPU the same steps run eagerly (graphs are CUDA-only; a documented no-op).
+            Sliding-window layers then become ``LongCtxLayer``s too (they keep their tokens; the attention
+            applies the window), as a graph needs every layer's buffers at fixed addresses.
     Raises:
-        ValueError: eviction on a model whose attention implementation is not ``longctx_kv``.
+        ValueError: eviction on a model whose attention implementation is not ``longctx_kv``; ``cuda_graphs``
+            on a model with layers other than full or sliding-window attention (linear attention, chunked).
     """
 
     def __init__(
@@ -50,6 +56,7 @@ class LongCtxCache(Cache):
         *,
         capacity: int | None = None,
         reserve: int | None = None,
+        cuda_graphs: bool = False,
     ):
         config = model.config if isinstance(model, PreTrainedModel) else model
         text_config = config.get_text_config(decoder=True)
@@ -69,10 +76,19 @@ class LongCtxCache(Cache):
                 f"LongCtxCache: cannot tell the layer types of model_type {text_config.model_type!r} from its config"
             )
         full = [index for index, layer in enumerate(stock) if type(layer) is DynamicLayer]
+        self.cuda_graphs = bool(cuda_graphs)
+        if self.cuda_graphs:
+            other = {type(layer).__name__ for layer in stock if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer)}
+            if other:
+                raise ValueError(f"LongCtxCache: cuda_graphs supports full and sliding-window attention layers; "
+                                 f"model_type {text_config.model_type!r} has {sorted(other)}")
+        windowed = [i for i, layer in enumerate(stock) if type(layer) is DynamicSlidingWindowLayer and self.cuda_graphs]
         policies = make_policies(self.kv, len(full)) if self.kv is not None else [None] * len(full)
         layers: list[Any] = list(stock)
         for index, policy in zip(full, policies):
             layers[index] = LongCtxLayer(policy, capacity=capacity, reserve=reserve, layer_idx=index)
+        for index in windowed:
+            layers[index] = LongCtxLayer(None, capacity=capacity, reserve=reserve, layer_idx=index)
         super().__init__(layers=layers)
 
     def set_view(self, view: SinkAttention | None) -> None:

@@ -38,6 +38,14 @@ several tokens is scored at once. The queries of one-token decoding steps are on
 no computation) and scored together just before an eviction (or once ``_PENDING_STEPS`` have gathered,
 a mark of holes, a crop or a batch change), so a decoding step that does not evict costs what a step
 without a policy costs: no scoring, no host sync, no work proportional to the cache.
+
+Static decoding (``set_static``, used by ``hf_longctx.cache.graphs`` to replay one-token steps as CUDA graphs):
+a one-token ``update`` writes at the slot a DEVICE counter names (``static_length``, (1,) int64, mirrored by
+``stored_length`` on the host), returns the whole (B, H_kv, capacity, D) buffers, and keeps the step's query
+for the policy in a fixed buffer; the ``longctx_kv`` attention then reads only the slots below the device
+counter. Nothing in such a step depends on the stored length on the host, so one captured step serves every
+length. The buffers never move while static (no growth or shrinking: ``reserve_static`` sizes them first);
+evictions, prefills and crops run eagerly between steps and set the device counter.
 """
 
 from __future__ import annotations
@@ -101,6 +109,12 @@ class LongCtxLayer(CacheLayerMixin):
         self._scaling: tuple[float | None, float | None] = (None, None)  # the reported scale and softcap
         self._recorded_peak = 0  # the most tokens stored while recording (speculative rounds need it again)
         self.view: SinkAttention | None = None  # the draft view while self-speculation drafts
+        self.static = False  # static decoding (see the module docstring)
+        self.static_step = False  # whether the latest update was a static one-token write
+        self.static_length: torch.Tensor | None = None  # (1,) int64 device mirror of stored_length
+        self._static_pending: torch.Tensor | None = None  # (B, H, _PENDING_STEPS, D) decoding queries, unscored
+        self._static_slot: torch.Tensor | None = None  # (1,) int64 device index of the next pending query
+        self._static_count = 0  # pending queries in `_static_pending` (host mirror of `_static_slot`)
 
     # ----------------------------------------------------------------------------------- sizes
     @property
@@ -184,6 +198,11 @@ class LongCtxLayer(CacheLayerMixin):
         """Grow the buffers to hold ``needed`` tokens (the last ``incoming`` of them being written)."""
         if needed <= self.capacity:
             return
+        if self.static:
+            raise RuntimeError(
+                f"LongCtxCache: layer {self.layer_idx} is in static decoding and full ({self.capacity} slots); "
+                "reserve_static() must size it for the steps first"
+            )
         if self.fixed_capacity is not None:
             raise ValueError(
                 f"LongCtxCache: `capacity` ({self.fixed_capacity} tokens) is too small for the {needed} tokens "
@@ -220,6 +239,9 @@ class LongCtxLayer(CacheLayerMixin):
         target = self.eviction_target(new)
         if target is not None:
             self._evict(target, incoming=new)
+        self.static_step = self.static and new == 1
+        if self.static_step:
+            return self._static_update(key_states, value_states)
         start, stop = self.stored_length, self.stored_length + new
         self._make_room(stop, new)
         if self.record_past and self.policy is not None:
@@ -235,6 +257,8 @@ class LongCtxLayer(CacheLayerMixin):
         self._since_eviction += new
         if new > 1 and not self.record_past:
             self.prompt_length = self.cumulative_length
+        if self.static:
+            self.static_length.fill_(stop)
         keys, values = self._attended_keys(stop), self.values[:, :, :stop]
         if self.view is not None:
             announce(self, keys)  # the attention function applies the view (no report: drafts leave no scores)
@@ -242,6 +266,136 @@ class LongCtxLayer(CacheLayerMixin):
             announce(self, keys)
             self._awaiting_report = True
         return keys, values
+
+    # ------------------------------------------------------------------------ static decoding
+    def set_static(self, on: bool, padding: torch.Tensor | None = None) -> None:
+        """Enter (``on``) or leave static decoding (see the module docstring).
+
+        Args:
+            padding: entering: the (B, >= stored_length) bool 2D padding mask of the tokens seen so far (its
+                last ``stored_length`` columns are the stored slots), for a layer without a policy (one with a
+                policy knows its slots' validity from the attention's reports); None: no padding.
+        Raises:
+            ValueError: ThinK's pruned key channels, a draft view, or a layer that evicted without a policy
+                report (nothing to attend) cannot decode statically.
+        """
+        if not on:
+            self._score_pending()
+            self.static = self.static_step = False
+            self.static_length = self._static_pending = self._static_slot = None
+            return
+        if not self.is_initialized:
+            raise ValueError(f"LongCtxCache: layer {self.layer_idx} is empty; prefill before static decoding")
+        if self.key_channels is not None or self._chosen_channels is not None:
+            raise ValueError("LongCtxCache: static decoding (cuda_graphs) does not support policy 'think' "
+                             "(its keys are rebuilt at every step)")
+        if self.view is not None:
+            raise ValueError("LongCtxCache: static decoding cannot run while a draft view is set")
+        if padding is not None and self.policy is None:
+            stored = self.stored_length
+            self.valid[:, :stored] = padding[:, padding.shape[1] - stored :].to(self.device, torch.bool)
+            self.padded = True
+        self.static = True
+        self.static_length = torch.full((1,), self.stored_length, dtype=torch.long, device=self.device)
+        self._static_slot = torch.zeros(1, dtype=torch.long, device=self.device)
+
+    def reserve_static(self, steps: int) -> None:
+        """Size the buffers for ``steps`` more static one-token steps (plus one spare slot, so that a query is
+        never in the last slot), reallocating now if they are too small (the buffers then move)."""
+        budget = None if self.policy is None else self.policy.budget(self.prompt_length)
+        peak = self.stored_length + steps
+        if budget is not None:  # one-token steps never hold more than budget + every before evicting
+            peak = min(peak, max(self.stored_length + 1, budget + self.policy.feature.every))
+        needed = peak + 1
+        if needed > self.capacity:
+            if self.fixed_capacity is not None:
+                raise ValueError(
+                    f"LongCtxCache: `capacity` ({self.fixed_capacity} tokens) is too small for static decoding, "
+                    f"which needs {needed} slots in layer {self.layer_idx}"
+                )
+            self._allocate(_round_up(needed))
+        # Slots past the stored ones are read as masked keys (the PyTorch reference multiplies their values by 0):
+        # they must hold finite numbers, not what torch.empty left.
+        self.keys[:, :, self.stored_length :].zero_()
+        self.values[:, :, self.stored_length :].zero_()
+
+    def static_ready(self) -> bool:
+        """Whether the next one-token step is a plain static write (no eviction, no scoring due), so that a
+        captured step can stand for it; otherwise it must run eagerly."""
+        if self.eviction_target(1) is not None or self._awaiting_report:
+            return False
+        pending = self.policy is not None and self.policy.uses_attention
+        return not pending or self._static_count + 1 < _PENDING_STEPS
+
+    def static_signature(self) -> tuple:
+        """What a captured step depends on besides device data: buffer addresses and the code path taken."""
+        return (self.keys.data_ptr(), self.values.data_ptr(), self.valid.data_ptr(), self.scores.data_ptr(),
+                self.capacity, self.padded, self.position_offset is None)
+
+    def host_counters(self) -> tuple[int, ...]:
+        """The host-side counters a one-token step advances (``restore_counters`` puts them back)."""
+        return self.stored_length, self.cumulative_length, self._since_eviction, self._static_count
+
+    def restore_counters(self, counters: tuple[int, ...]) -> None:
+        self.stored_length, self.cumulative_length, self._since_eviction, self._static_count = counters
+
+    def advance_static(self) -> None:
+        """Host bookkeeping of a replayed static step (the device did the writes)."""
+        self.stored_length += 1
+        self.cumulative_length += 1
+        self._since_eviction += 1
+        if self.policy is not None and self.policy.uses_attention:
+            self._static_count += 1
+
+    def _static_update(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Write one token at the device counter's slot; return the whole buffers (see the module docstring)."""
+        if self.stored_length + 1 >= self.capacity:
+            raise RuntimeError(
+                f"LongCtxCache: layer {self.layer_idx} is in static decoding and full ({self.capacity} slots); "
+                "reserve_static() must size it for the steps first"
+            )
+        slot = self.static_length
+        self.keys.index_copy_(2, slot, key_states)
+        self.values.index_copy_(2, slot, value_states)
+        self.valid.index_fill_(1, slot, True)
+        self.scores.index_fill_(2, slot, 0.0)
+        slot.add_(1)
+        self.stored_length += 1
+        self.cumulative_length += 1
+        self._since_eviction += 1
+        announce(self, self.keys)
+        self._awaiting_report = self.policy is not None
+        return self.keys, self.values
+
+    def static_kv_valid(self) -> torch.Tensor:
+        """(B, capacity) bool: the slots below the device counter that hold real tokens."""
+        stored = torch.arange(self.capacity, device=self.device) < self.static_length
+        return stored & self.valid if self.padded else stored.expand(self.valid.shape[0], -1)
+
+    def static_spans(self) -> torch.Tensor:
+        """(B, 2) int32 [first real slot, device counter) of each row: the kernel's key spans (padding, and
+        after an eviction the kept padding, precede the real tokens, so they are one contiguous run)."""
+        end = self.static_length.expand(self.valid.shape[0])
+        if self.padded:
+            first = (self.valid & (torch.arange(self.capacity, device=self.device) < self.static_length)).byte()
+            start = torch.where(first.any(-1), first.argmax(-1), end)
+        else:
+            start = torch.zeros_like(end)
+        return torch.stack([start, end], dim=1).to(torch.int32)
+
+    def observe_static(self, query: torch.Tensor, scale: float | None, softcap: float | None) -> None:
+        """The attention's report on a static step: keep the (B, H, 1, D) query for the policy's scores."""
+        self._awaiting_report = False
+        self._scaling = (scale, softcap)
+        if not self.policy.uses_attention:
+            return
+        if self._static_pending is None or self._static_pending.shape[:2] != query.shape[:2]:
+            self._static_pending = query.new_zeros(*query.shape[:2], _PENDING_STEPS, query.shape[-1])
+        self._static_pending.index_copy_(2, self._static_slot, query)
+        self._static_slot.add_(1)
+        self._static_count += 1
+        if self._static_count >= _PENDING_STEPS:  # never in a captured step (``static_ready``)
+            self._score_pending()
 
     # --------------------------------------------------------------------------- draft view
     def set_view(self, view: SinkAttention | None) -> None:
@@ -344,6 +498,10 @@ class LongCtxLayer(CacheLayerMixin):
     def _score_pending(self, key: torch.Tensor | None = None) -> None:
         """Score the queries of the decoding steps kept since the last scoring (they are the latest tokens of
         ``key``, (B, H_kv, S, D) the attended keys of the first S slots; default: every stored slot)."""
+        if self._static_count:
+            self._pending.append(self._static_pending[:, :, : self._static_count].clone())
+            self._static_count = 0
+            self._static_slot.zero_()
         if not self._pending:
             return
         queries, self._pending = torch.cat(self._pending, dim=2), []
@@ -373,7 +531,7 @@ class LongCtxLayer(CacheLayerMixin):
         scores = self.scores[:, :, :stored].gather(2, keep)
         self.stored_length = 0
         bound = self._bound(incoming)
-        if self.fixed_capacity is None and self.capacity > bound:
+        if self.fixed_capacity is None and not self.static and self.capacity > bound:
             self._allocate(bound)  # really free the memory of the evicted tokens
         self.keys[:, :, :target] = keys
         self.values[:, :, :target] = values
@@ -381,6 +539,8 @@ class LongCtxLayer(CacheLayerMixin):
         self.valid[:, :target] = torch.arange(target, device=self.device) >= (target - kept_real)[:, None]
         self.stored_length = target
         self._since_eviction = 0
+        if self.static:
+            self.static_length.fill_(target)
 
     # ----------------------------------------------------------------------------- rollback
     def activate_past_recording(self) -> None:
@@ -412,6 +572,8 @@ class LongCtxLayer(CacheLayerMixin):
         self.cumulative_length -= remove
         self._since_eviction -= remove
         self.prompt_length = min(self.prompt_length, self.cumulative_length)
+        if self.static:
+            self.static_length.fill_(self.stored_length)
         target = self.eviction_target(at_crop=True)  # the eviction the next one-token step would run
         if target is not None:
             self._evict(target, incoming=1)
@@ -449,8 +611,9 @@ class LongCtxLayer(CacheLayerMixin):
             self.evicted.zero_()
         self._awaiting_report = False
         self.record_past = self.padded = False
-        self._pending, self._recorded_peak = [], 0
+        self._pending, self._recorded_peak, self._static_count = [], 0, 0
         self.view = None
+        self.set_static(False)
         if self.key_channels is not None or self._chosen_channels is not None:
             self.keys = self.values = self.valid = self.scores = None
             self.key_channels = self._chosen_channels = None
