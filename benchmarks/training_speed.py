@@ -2,6 +2,7 @@
 
     python benchmarks/training_speed.py OUTDIR [--lengths 8192,32768] [--models target-20m,llama-1b]
         [--providers sdpa-cudnn,s2_sink,sink-dense,sdpa] [--steps 3] [--budget-s 110]
+        [--attention-lengths 32768,8192] [--attention-models target-20m] [--no-profile]
 
 One training step = forward + backward + AdamW step (fused on CUDA) on one random sequence (B=1, labels =
 inputs) of a randomly initialised Llama-shaped model in bf16. Every provider runs the same model (its
@@ -16,6 +17,13 @@ weights, not re-initialised) and the same batch:
 Models: ``target-20m`` is the reference target's architecture (6 layers, hidden 512, 8 heads, 2 KV heads,
 head dim 64, vocab 8192; attention dominates at 32K); ``llama-1b`` is TinyLlama's shape (22 layers, hidden
 2048, 32 heads, 4 KV heads, head dim 64, MLP 5632, vocab 32000; 1.1 B parameters) with gradient checkpointing.
+
+Attention-only rows (model ``NAME:attention``, run first): forward + backward of ONE attention layer of that
+model's shape (B=1, q/k/v laid out as transformers makes them, (B, S, H, D) memory), per provider of
+``ATTENTION_PROVIDERS`` (``s2`` / ``s2_sink`` call ``shifted_sparse_attention`` directly, ``sink-dense`` the
+kernel in dense causal mode), median of 10 after 3 warm-up runs; the ratio column is then the attention speed-up
+alone. With profiling (default), one profiled run per row writes its top ops to
+OUTDIR/attention_profile_NAME_SEQ_PROVIDER.txt: the kernels against the glue around them.
 
 Timing: CUDA events around each whole step, the median of ``--steps`` steps after two warm-up steps (Triton
 compiles and autotunes there). Peak memory: ``torch.cuda.max_memory_allocated`` over the timed steps.
@@ -53,6 +61,7 @@ MODELS = {
 }
 CHECKPOINTED = {"llama-1b"}
 PROVIDERS = ("sdpa-cudnn", "s2_sink", "sink-dense", "sdpa")
+ATTENTION_PROVIDERS = ("sdpa-cudnn", "s2_sink", "s2", "sink-dense")
 FIELDS = ["device", "torch", "triton", "transformers", "model", "parameters", "seq_len", "provider", "median_ms",
           "tokens_per_s", "peak_gib", "loss", "error"]
 
@@ -101,11 +110,10 @@ def set_provider(model: LlamaForCausalLM, provider: str, seq_len: int) -> None:
         raise ValueError(f"provider: unknown {provider!r}; accepted: {', '.join(PROVIDERS)}")
 
 
-def time_steps(model, ids: torch.Tensor, steps: int, warmup: int = 2) -> tuple[float, float, float]:
-    """Median ms of a training step over `steps` timed steps, peak GiB (CUDA; 0 on CPU), last loss."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=ids.is_cuda)
-    cuda = ids.is_cuda
-    times, loss = [], float("nan")
+def time_calls(call, cuda: bool, steps: int, warmup: int) -> tuple[float, float]:
+    """Median ms of ``call()`` over ``steps`` timed calls after ``warmup`` untimed ones (CUDA events around each
+    call on CUDA, wall time on CPU), and the peak GiB allocated during the timed calls (0 on CPU)."""
+    times = []
     for index in range(warmup + steps):
         if index == warmup and cuda:
             torch.cuda.synchronize()
@@ -114,29 +122,118 @@ def time_steps(model, ids: torch.Tensor, steps: int, warmup: int = 2) -> tuple[f
         if cuda:
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        call()
         if cuda:
             end.record()
             end.synchronize()
             elapsed = begin.elapsed_time(end)
         else:
             elapsed = (time.perf_counter() - start) * 1e3
-        loss = out.loss.item()
         if index >= warmup:
             times.append(elapsed)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    return statistics.median(times), (torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
+
+
+def time_steps(model, ids: torch.Tensor, steps: int, warmup: int = 2) -> tuple[float, float, float]:
+    """Median ms of a training step over `steps` timed steps, peak GiB (CUDA; 0 on CPU), last loss."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=ids.is_cuda)
+    losses = []
+
+    def step() -> None:
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(out.loss.detach())
+
+    median, peak = time_calls(step, ids.is_cuda, steps, warmup)
     del optimizer
-    return statistics.median(times), peak, loss
+    return median, peak, losses[-1].item()
+
+
+def attention_call(provider: str):
+    """fn(query, key, value) -> (B, S, H, D) contiguous: one attention layer of ``provider`` (ATTENTION_PROVIDERS),
+    as the registry function hands it back to the model. query (B, H, S, D); key, value (B, H_kv, S, D)."""
+    from hf_longctx.attention.s2 import shifted_sparse_attention
+    from hf_longctx.attention.sink import sink_window_attention
+    from hf_longctx.config import ShiftedSparseAttention
+
+    if provider == "sdpa-cudnn":
+        return lambda q, k, v: sdpa_cudnn_attention(None, q, k, v, None)[0]
+    if provider in ("s2", "s2_sink"):
+        feature = ShiftedSparseAttention(type=provider)
+        return lambda q, k, v: shifted_sparse_attention(q, k, v, feature=feature).transpose(1, 2).contiguous()
+    if provider == "sink-dense":
+        return lambda q, k, v: sink_window_attention(q, k, v, sink_tokens=0, window=None).transpose(1, 2).contiguous()
+    raise ValueError(f"attention provider: unknown {provider!r}; accepted: {', '.join(ATTENTION_PROVIDERS)}")
+
+
+def time_attention(fn, inputs: list[torch.Tensor], steps: int = 10, warmup: int = 3) -> tuple[float, float]:
+    """Median ms of forward + backward of ``fn(*inputs)`` (cotangent: ones), peak GiB (CUDA; 0 on CPU)."""
+
+    def call() -> None:
+        out = fn(*inputs)
+        torch.autograd.grad(out, inputs, torch.ones_like(out))
+
+    return time_calls(call, inputs[0].is_cuda, steps, warmup)
+
+
+def profile_attention(fn, inputs: list[torch.Tensor], path: str) -> None:
+    """One forward + backward of ``fn(*inputs)`` under torch.profiler; its top 30 ops by device time -> ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if inputs[0].is_cuda else [])
+    with profile(activities=activities) as prof:
+        out = fn(*inputs)
+        torch.autograd.grad(out, inputs, torch.ones_like(out))
+        if inputs[0].is_cuda:
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if inputs[0].is_cuda else "self_cpu_time_total"
+    with open(path, "w") as out_file:
+        out_file.write(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60) + "\n")
+
+
+def attention_rows(args, device: torch.device, dtype: torch.dtype, info: dict, start: float, emit) -> None:
+    """The attention-only rows (see the module docstring), each passed to ``emit`` as soon as it is measured."""
+    for seq_len in args.attention_lengths:
+        for name in args.attention_models:
+            shape = MODELS[name]
+            heads, kv_heads = shape["num_attention_heads"], shape["num_key_value_heads"]
+            dim = shape["hidden_size"] // heads
+            generator = torch.Generator().manual_seed(seq_len)
+            # (B, H, S, D) views of (B, S, H, D) memory, as transformers' attention layers hand them over
+            inputs = [torch.randn(1, seq_len, n, dim, generator=generator).to(device, dtype).transpose(1, 2)
+                      .requires_grad_() for n in (heads, kv_heads, kv_heads)]
+            for provider in ATTENTION_PROVIDERS:
+                if time.monotonic() - start > args.budget_s:
+                    print(f"budget of {args.budget_s:.0f} s spent: skipping attention {name} {provider} at {seq_len}")
+                    continue
+                row = {**info, "model": f"{name}:attention", "parameters": 0, "seq_len": seq_len,
+                       "provider": provider, "median_ms": None, "tokens_per_s": None, "peak_gib": None, "loss": None,
+                       "error": ""}
+                try:
+                    fn = attention_call(provider)
+                    median, peak = time_attention(fn, inputs)
+                    row.update(median_ms=round(median, 3), tokens_per_s=round(seq_len / median * 1e3, 1),
+                               peak_gib=round(peak, 3))
+                    if args.profile:
+                        profile_attention(fn, inputs, os.path.join(
+                            args.outdir, f"attention_profile_{name}_{seq_len}_{provider}.txt"))
+                except Exception as error:  # one failed row must not end the run
+                    traceback.print_exc()
+                    row["error"] = f"{type(error).__name__}: {error}".replace("\n", " ")
+                finally:
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                emit(row)
 
 
 def markdown(rows: list[dict], info: dict, dtype: torch.dtype) -> str:
     lines = [f"# Training-step speed ({info['device']}; torch {info['torch']}, triton {info['triton']}, "
              f"transformers {info['transformers']})", "",
              f"One step = forward + backward + AdamW on B=1 random sequence, {str(dtype).removeprefix('torch.')}; "
-             "median of the timed steps; s2_sink groups of S/4 with 4 sinks; llama-1b with gradient checkpointing.",
+             "median of the timed steps; s2_sink groups of S/4 with 4 sinks; llama-1b with gradient checkpointing. "
+             "Rows of model NAME:attention: forward + backward of one attention layer of NAME's shape alone.",
              "",
              "| model | parameters | seq_len | provider | median ms | tokens/s | peak GiB | tokens/s vs sdpa-cudnn |",
              "|---|---|---|---|---|---|---|---|"]
@@ -149,7 +246,8 @@ def markdown(rows: list[dict], info: dict, dtype: torch.dtype) -> str:
             continue
         ref = base.get((r["model"], r["seq_len"]))
         ratio = f"{r['tokens_per_s'] / ref:.2f}x" if ref else ""
-        lines.append(f"| {r['model']} | {r['parameters'] / 1e6:.1f} M | {r['seq_len']} | {r['provider']} | "
+        parameters = f"{r['parameters'] / 1e6:.1f} M" if r["parameters"] else "-"
+        lines.append(f"| {r['model']} | {parameters} | {r['seq_len']} | {r['provider']} | "
                      f"{r['median_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | {ratio} |")
     return "\n".join(lines) + "\n"
 
@@ -166,9 +264,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--providers", type=_list(str), default=list(PROVIDERS))
     parser.add_argument("--steps", type=int, default=3, help="timed steps per measurement")
     parser.add_argument("--budget-s", type=float, default=110.0, help="start no measurement after this many s")
+    parser.add_argument("--attention-lengths", type=_list(int), default=[32768, 8192],
+                        help="lengths of the attention-only rows (run first); empty: none")
+    parser.add_argument("--attention-models", type=_list(str), default=["target-20m"],
+                        help="model shapes of the attention-only rows")
+    parser.add_argument("--no-profile", dest="profile", action="store_false",
+                        help="no profiler table per attention-only row")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    for name in args.models:
+    for name in args.models + args.attention_models:
         if name not in MODELS:
             parser.error(f"--models: unknown {name!r}; accepted: {', '.join(MODELS)}")
     for name in args.providers:
@@ -195,6 +299,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         writer = csv.DictWriter(handle, fieldnames=FIELDS)
         if new_file:
             writer.writeheader()
+
+        def emit(row: dict) -> None:
+            print(row, flush=True)
+            writer.writerow(row)
+            handle.flush()
+            rows.append(row)
+
+        attention_rows(args, device, dtype, info, start, emit)
         for seq_len in args.lengths:
             for name in args.models:
                 if time.monotonic() - start > args.budget_s:
@@ -223,10 +335,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         model.zero_grad(set_to_none=True)
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
-                    print(row, flush=True)
-                    writer.writerow(row)
-                    handle.flush()
-                    rows.append(row)
+                    emit(row)
                 del model
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from peft import get_peft_model
 from transformers import DataCollatorWithFlattening, TrainingArguments
 
 import hf_longctx as lc
 from hf_longctx.attention.s2 import shifted_sparse_attention
 from hf_longctx.config import LongCtxConfig, ShiftedSparseAttention
+from hf_longctx.kernels import reference
 from hf_longctx.rope.augment import E2LLMAugmentation
 from hf_longctx.training import (
     BatchSamplerTrainer,
@@ -184,6 +186,101 @@ def test_shifted_sparse_attention_keeps_packed_documents_apart():
     with pytest.raises(ValueError, match="packed sequences"):
         shifted_sparse_attention(query, key, value, feature=LongCtxConfig(attention="s2_sink:8,2").attention,
                                  segment_ids=segments)
+
+
+def previous_s2(query, key, value, *, feature, kv_valid=None, segment_ids=None, s_aux=None, **kwargs):
+    """Oracle: the first formulation of ``shifted_sparse_attention`` (each group one row of a padded batch, its
+    earlier sinks concatenated in front of its keys), on the PyTorch reference. Shapes as that function."""
+    batch, heads, length, _ = query.shape
+    kv_heads, group = key.shape[1], feature.group_size or length // 4
+    valid = torch.ones(batch, length, dtype=torch.bool) if kv_valid is None else kv_valid.bool()
+    halves = []
+    for half, shift in ((0, 0), (1, group // 2)):
+        q_heads = slice(half * heads // 2, (half + 1) * heads // 2)
+        kv = slice(half * kv_heads // 2, (half + 1) * kv_heads // 2)
+        q, k, v = (F.pad(x, (0, 0, shift, shift)) for x in (query[:, q_heads], key[:, kv], value[:, kv]))
+        rows_valid = F.pad(valid, (shift, shift), value=False)
+        segments = None if segment_ids is None else F.pad(segment_ids, (shift, shift), value=-1)
+        groups = rows_valid.shape[1] // group
+
+        def split(x):  # (B, h, n * G, D) -> (B * n, h, G, D)
+            return x.reshape(batch, x.shape[1], groups, group, x.shape[3]).transpose(1, 2).flatten(0, 1)
+
+        keys, values, rows = split(k), split(v), rows_valid.reshape(batch * groups, group)
+        if feature.sink_tokens:
+            sinks = slice(shift, shift + min(feature.sink_tokens, length))
+            earlier = torch.arange(sinks.start, sinks.stop) // group < torch.arange(groups)[:, None]
+            rows = torch.cat([(rows_valid[:, None, sinks] & earlier).flatten(0, 1), rows], dim=1)
+            keys = torch.cat([k[:, :, sinks].repeat_interleave(groups, dim=0), keys], dim=2)
+            values = torch.cat([v[:, :, sinks].repeat_interleave(groups, dim=0), values], dim=2)
+        out = reference.sink_window_attention(
+            split(q), keys, values, sink_tokens=0, window=None, kv_valid=rows,
+            segment_ids=None if segments is None else segments.reshape(batch * groups, group),
+            s_aux=None if s_aux is None else s_aux[q_heads], **kwargs)
+        out = out.reshape(batch, groups, out.shape[1], group, -1).transpose(1, 2).flatten(2, 3)
+        halves.append(out[:, :, shift : shift + length])
+    return torch.cat(halves, dim=1)
+
+
+# odd cases: left/right padding (a group with no real token), GQA 3:1, sinks reaching past the first (shifted)
+# group, learned sinks and softcap, packed documents straddling groups
+PREVIOUS_CASES = {
+    "padding-left": dict(shorthand="s2_sink:8,3", pad="left"),
+    "padding-right-s2": dict(shorthand="s2:8", pad="right"),
+    "gqa-many-sinks": dict(shorthand="s2_sink:8,6", kv_heads=2, heads=6),
+    "s-aux-softcap": dict(shorthand="s2_sink:4,2", s_aux=True, softcap=5.0, pad="right"),
+    "packed": dict(shorthand="s2:8", packed=True),
+    "packed-padded-s-aux": dict(shorthand="s2:8", packed=True, pad="right", s_aux=True),
+}
+
+
+def previous_case(case: str, device: str, dtype: torch.dtype):
+    """Inputs of ``PREVIOUS_CASES[case]`` (fp32 on the CPU, leaves), the feature, and the results and gradients of
+    ``shifted_sparse_attention`` on ``device`` in ``dtype`` and of ``previous_s2`` (fp32, CPU) for one cotangent."""
+    options = PREVIOUS_CASES[case]
+    feature = LongCtxConfig(attention=options["shorthand"]).attention
+    generator = torch.Generator().manual_seed(3)
+    heads, kv_heads, length = options.get("heads", 4), options.get("kv_heads", 2), 24
+    # transformers' layout: q is a (B, H, S, D) view of (B, S, H, D) memory
+    query = torch.randn(2, length, heads, 32, generator=generator).transpose(1, 2)
+    key, value = (torch.randn(2, kv_heads, length, 32, generator=generator) for _ in range(2))
+    kwargs = {"softcap": options["softcap"]} if "softcap" in options else {}
+    if options.get("s_aux"):
+        kwargs["s_aux"] = torch.randn(heads, generator=generator)
+    if "pad" in options:
+        real = torch.tensor([length - 11, length - 3])[:, None]  # row 0: 11 padding tokens, two groups of 8
+        index = torch.arange(length)
+        kwargs["kv_valid"] = index >= length - real if options["pad"] == "left" else index < real
+    if options.get("packed"):
+        kwargs["segment_ids"] = torch.tensor([[0] * 5 + [1] * 12 + [2] * 7, [0] * 9 + [1] * 15])
+    tensors = [query, key, value] + ([kwargs.pop("s_aux")] if options.get("s_aux") else [])
+    cotangent = torch.randn(2, heads, length, 32, generator=generator)
+    results = []
+    for run, run_device, run_dtype in ((shifted_sparse_attention, device, dtype), (previous_s2, "cpu", torch.float32)):
+        inputs = [x.to(run_device, run_dtype).requires_grad_() for x in tensors]
+        extra = {name: x.to(run_device) for name, x in kwargs.items() if torch.is_tensor(x)}
+        run_kwargs = {**kwargs, **extra, **({"s_aux": inputs[3]} if len(inputs) > 3 else {})}
+        out = run(*inputs[:3], feature=feature, **run_kwargs)
+        grads = torch.autograd.grad(out, inputs, cotangent.to(run_device, run_dtype))
+        results.append([x.float().cpu() for x in (out, *grads)])
+    return results
+
+
+@pytest.mark.parametrize("case", PREVIOUS_CASES)
+def test_shifted_sparse_attention_matches_previous_formulation(case):
+    """The group-as-segment path (sinks and s_aux merged through the LSE) equals the padded-rows formulation."""
+    for result, expected in zip(*previous_case(case, "cpu", torch.float32)):
+        torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", PREVIOUS_CASES)
+def test_shifted_sparse_attention_matches_previous_formulation_bf16_cuda(case):
+    """The Triton path in bf16 (the segment table, or kv_valid / packed ids through the dispatch) against the
+    padded-rows formulation in fp32: output and gradients (q, k, v, s_aux)."""
+    for result, expected in zip(*previous_case(case, "cuda", torch.bfloat16)):
+        error = (result - expected).norm() / expected.norm()
+        assert error < 2e-2, f"relative error {error:.3g}"
 
 
 @pytest.mark.cuda

@@ -11,11 +11,23 @@ Packed batches (``DataCollatorWithFlattening``: position ids that restart) train
 packed row and no query sees another document (the segment ids ride along as varlen); ``s2_sink`` refuses them,
 since its sinks are the row's first tokens, not each document's.
 
-Each group is one row of a batch of B * S / G rows (the shifted half padded by G / 2 tokens at both ends,
-masked out through ``kv_valid``), so the whole thing is one call of ``longctx_sink``'s kernel dispatch: the
-Triton kernel with its backward on CUDA, the PyTorch reference elsewhere. With sinks, each row's keys are the
-sequence's sink keys followed by the group's keys (the queries are the last G of them); sinks that already lie
-inside the group (or a later one) are masked out of the prefix.
+The groups are the Triton kernel's packed segments (``segment_ids``): the two head halves become the kernel's
+batch of 2 (a view of q, k, v: the B rows of a half lie end to end), each half's groups its segments, so ONE call
+of the kernel (forward and backward) runs on the original tensors and visits only the key blocks of a query's own
+group. Without padding or packing on CUDA its segment table is a cached constant (no host sync); with them, or off
+CUDA, the segment ids go through ``longctx_sink``'s dispatch (the PyTorch reference off CUDA). ``s2_sink``'s
+sinks of earlier groups (each query sees at most ``sink_tokens`` of them) and learned sink logits (``s_aux``) are
+extra logits of one float32 softmax with the group attention's LSE (which the kernel returns, gradients
+included); a query's own-group sinks are among its group keys.
+
+What this removed, per layer and training step (counted with a TorchDispatchMode on the CPU, kernel internals
+not included): the previous formulation made each group a row of a padded batch, two kernel calls (one per
+half), and issued 63 forward + 37 backward ops for ``s2_sink`` (43 + 17 for ``s2``) with 2 host syncs
+(``kv_valid`` always given, so the masked span path and its hole check): F.pad of q, k, v, reshape-transpose
+copies of q, k, v per half, the sink prefix by repeat_interleave + cat of k, v, the out reshape, torch.cat of the
+halves and the caller's transpose copy (about 10 full-size copies forward, as many backward). Now: 23 + 27 ops
+for ``s2_sink`` (3 + 2 for ``s2``), no host sync, one full-size output copy into (B, S, H, D), and for sinks a
+float32 copy of q plus O(S * h * sink_tokens) score work.
 
 In eval mode, and on layers with their own sliding window, the layer runs ``longctx_sink``'s attention with
 ``ShiftedSparseAttention.inference_attention`` (dense causal, or sinks + window).
@@ -23,8 +35,9 @@ In eval mode, and on layers with their own sliding window, the layer runs ``long
 
 from __future__ import annotations
 
+import functools
+
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
@@ -64,56 +77,130 @@ def group_size(feature: ShiftedSparseAttention, length: int) -> int:
     return group
 
 
+def _as_halves(x: torch.Tensor) -> torch.Tensor:
+    """(B, n, S, D) -> (2, n / 2, B * S, D): the two head halves as the kernel's batch, the B rows end to end.
+
+    A view when B == 1 or when x is laid out as (B, S, n, D) (transformers' q/k/v); a copy otherwise."""
+    return x.unflatten(1, (2, -1)).permute(1, 2, 0, 3, 4).flatten(2, 3)
+
+
+def _half_group_ids(length: int, group: int, device: torch.device) -> torch.Tensor:
+    """(2, S) group index of every position: half 0's groups start at 0, half 1's at -group / 2."""
+    index = torch.arange(length, device=device)
+    return torch.stack([index // group, (index + group // 2) // group])
+
+
+@functools.lru_cache(maxsize=64)
+def _group_table(batch: int, length: int, group: int, device: torch.device) -> torch.Tensor:
+    """The kernel's (n_seg, 5) int32 segment table (half, q_lo, q_hi, k_lo, k_hi) of every group of both halves
+    along the B * S rows of :func:`_as_halves`; built once per shape (no host sync)."""
+    rows = []
+    for half, shift in ((0, 0), (1, group // 2)):
+        bounds = [0, *range(group - shift, length, group), length]
+        for start in range(0, batch * length, length):
+            rows += [(half, start + lo, start + hi, start + lo, start + hi) for lo, hi in zip(bounds, bounds[1:])]
+    return torch.tensor(rows, dtype=torch.int32, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _earlier_sinks(length: int, group: int, sinks: int, device: torch.device) -> torch.Tensor:
+    """(2, 1, S, T) bool: whether key t < T lies in an earlier group than query s, per half. The sinks of a query's
+    own group are among its group keys; those of later groups are in its future."""
+    ids = _half_group_ids(length, group, device)
+    return (ids[:, None, :sinks] < ids[:, :, None])[:, None]
+
+
 def _grouped_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    valid: torch.Tensor,
     *,
+    batch: int,
     group: int,
-    shift: int,
-    sink_tokens: int,
-    segments: torch.Tensor | None = None,
+    kv_valid: torch.Tensor | None,
+    segments: torch.Tensor | None,
+    return_lse: bool,
     **kwargs,
-) -> torch.Tensor:
-    """Causal attention within groups of ``group`` tokens starting at ``-shift``, plus the first ``sink_tokens``.
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention within the groups of each half (and within packed documents), both halves in one call.
+
+    The groups are the kernel's packed segments, so it visits only the key blocks of a query's own group and
+    reads q, k, v in place. Without padding or packing on CUDA, the segment table is a cached constant.
 
     Args:
-        query: (B, H, S, D); key, value: (B, H_kv, S, D); valid: (B, S) bool, True for real tokens.
-        shift: 0, or group // 2 for the shifted groups.
-        segments: (B, S) int ids of packed documents (only with ``sink_tokens == 0``), or None.
-        **kwargs: ``scale``, ``softcap``, ``s_aux`` for the kernel.
+        query: (2, h, B * S, D) from :func:`_as_halves`; key, value: (2, h_kv, B * S, D).
+        kv_valid: (B, S) bool or None (all real); segments: (B, S) int ids of packed documents, or None.
+        return_lse: also return the (2, h, B * S) float32 natural-log LSE of each row (-inf: no key seen).
+        **kwargs: ``scale``, ``softcap`` for the kernel.
     Returns:
-        (B, H, S, D) in ``query.dtype``.
+        (2, h, B * S, D) in ``query.dtype``, and the LSE with ``return_lse``.
     """
-    batch, _, length, _ = query.shape
-    if shift:
-        query, key, value = (F.pad(x, (0, 0, shift, shift)) for x in (query, key, value))
-        valid = F.pad(valid, (shift, shift), value=False)
-        segments = None if segments is None else F.pad(segments, (shift, shift), value=-1)
-    groups = valid.shape[1] // group
+    length = query.shape[2] // batch
+    if query.is_cuda and kv_valid is None and segments is None:
+        from ..kernels import sink_window
 
-    def split(x: torch.Tensor) -> torch.Tensor:  # (B, h, n * G, D) -> (B * n, h, G, D)
-        heads, dim = x.shape[1], x.shape[3]
-        return x.reshape(batch, heads, groups, group, dim).transpose(1, 2).reshape(batch * groups, heads, group, dim)
+        if sink_window.unsupported_reason(query, key, value, **kwargs) is None:
+            table = _group_table(batch, length, group, query.device)
+            return sink_window.sink_window_attention_segments(query, key, value, sink_tokens=0, window=None,
+                                                              segments=table, return_lse=return_lse, **kwargs)
+    ids = _half_group_ids(length, group, query.device)[:, None]  # (2, 1, S)
+    if segments is not None:
+        ids = ids + segments[None] * (length // group + 1)  # one id per (document, group) pair
+    ids = ids.expand(2, batch, length)
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[:, :, 1:] = ids[:, :, 1:] != ids[:, :, :-1]
+    ids = starts.flatten(1).cumsum(1)  # the segments of different batch rows get different ids
+    valid = None if kv_valid is None else kv_valid.reshape(1, -1).expand(2, -1)
+    return sink_window_attention(query, key, value, sink_tokens=0, window=None, kv_valid=valid, segment_ids=ids,
+                                 return_lse=return_lse, **kwargs)
 
-    rows_valid = valid.reshape(batch * groups, group)
-    keys, values = split(key), split(value)
-    if sink_tokens:
-        sinks = slice(shift, shift + min(sink_tokens, length))
-        sink_index = torch.arange(sinks.start, sinks.stop, device=valid.device)
-        # (n, k): group j's prefix holds the sinks of earlier groups (its own are in it, later ones are the future)
-        earlier = sink_index // group < torch.arange(groups, device=valid.device)[:, None]
-        prefix_valid = (valid[:, None, sinks] & earlier).reshape(batch * groups, -1)
-        keys = torch.cat([key[:, :, sinks].repeat_interleave(groups, dim=0), keys], dim=2)
-        values = torch.cat([value[:, :, sinks].repeat_interleave(groups, dim=0), values], dim=2)
-        rows_valid = torch.cat([prefix_valid, rows_valid], dim=1)
-    rows_segments = None if segments is None else segments.reshape(batch * groups, group)
-    out = sink_window_attention(split(query), keys, values, sink_tokens=0, window=None, kv_valid=rows_valid,
-                                segment_ids=rows_segments, **kwargs)
-    heads, dim = out.shape[1], out.shape[3]
-    out = out.reshape(batch, groups, heads, group, dim).transpose(1, 2).reshape(batch, heads, groups * group, dim)
-    return out[:, :, shift : shift + length]
+
+def _merge_extra_logits(
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    batch: int,
+    sink_visible: torch.Tensor | None,
+    s_aux: torch.Tensor | None,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """One softmax over a query's group keys (their attention ``out`` and ``lse``), the sinks of earlier groups and
+    the learned sink logit ``s_aux`` (which has no value). Float32 throughout.
+
+    Args:
+        out: (2, h, B * S, D) group attention; lse: (2, h, B * S) its natural-log LSE (-inf: no key).
+        query: (2, h, B * S, D); key, value: (2, h_kv, B * S, D), as from :func:`_as_halves`.
+        sink_visible: (2, 1 or B, S, T) bool, the keys t < T of its row each query sees on top of its group;
+            None: no sinks.
+        s_aux: (2, h) learned sink logits, or None.
+    Returns:
+        (2, h, B * S, D) in ``query.dtype``.
+    """
+    _, heads, rows, dim = query.shape
+    kv_heads, length = key.shape[1], rows // batch
+    shape = (2, kv_heads, heads // kv_heads, batch, length)  # the kernel rows as (half, kv head, g, b, s)
+    logits = [lse.clamp_min(-1e30).reshape(*shape, 1)]  # finite: a row that sees nothing keeps a zero output
+    if s_aux is not None:
+        logits.append(s_aux.float().reshape(2, kv_heads, -1, 1, 1, 1).expand(*shape, 1))
+    if sink_visible is not None:
+        sinks = sink_visible.shape[-1]
+        # (2, h_kv, 1, B, T, D), broadcast over the g query heads of a KV head; q as one contiguous float32 copy
+        keys, values = (x.unflatten(2, (batch, length))[:, :, None, :, :sinks].float() for x in (key, value))
+        scale = dim**-0.5 if scale is None else scale
+        grouped = query.to(torch.float32, memory_format=torch.contiguous_format).reshape(*shape, dim)
+        scores = torch.matmul(grouped, keys.transpose(-1, -2) * scale)
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        logits.append(scores.masked_fill(~sink_visible[:, None, None], float("-inf")))
+    weights = torch.softmax(torch.cat(logits, dim=-1), dim=-1)
+    merged = out.reshape(*shape, dim) * weights[..., :1]
+    if sink_visible is not None:
+        merged = merged + torch.matmul(weights[..., -sinks:], values)
+    return merged.to(query.dtype).reshape(2, heads, rows, dim)
 
 
 def shifted_sparse_attention(
@@ -137,9 +224,9 @@ def shifted_sparse_attention(
         s_aux: (H,) learned sink logits, split with the heads.
         **kwargs: ``scale``, ``softcap`` as in ``kernels.reference.sink_window_attention``.
     Returns:
-        (B, H, S, D) in ``query.dtype``.
+        (B, H, S, D) in ``query.dtype``, laid out as (B, S, H, D) (``out.transpose(1, 2)`` is contiguous).
     """
-    batch, heads, length, _ = query.shape
+    batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     if kv_heads % 2:
         raise ValueError(
@@ -151,17 +238,23 @@ def shifted_sparse_attention(
             f"longctx_s2: {feature.type!r} does not take packed sequences (position_ids that restart): its sinks are "
             "the row's first tokens; train packed batches with 's2', or unpacked ones with 's2_sink'"
         )
-    valid = torch.ones(batch, length, dtype=torch.bool, device=query.device) if kv_valid is None else kv_valid.bool()
-    halves = []
-    for half, shift in ((0, 0), (1, group // 2)):
-        q_heads = slice(half * heads // 2, (half + 1) * heads // 2)
-        kv = slice(half * kv_heads // 2, (half + 1) * kv_heads // 2)
-        halves.append(_grouped_attention(
-            query[:, q_heads], key[:, kv], value[:, kv], valid, group=group, shift=shift,
-            sink_tokens=feature.sink_tokens, segments=segment_ids, s_aux=None if s_aux is None else s_aux[q_heads],
-            **kwargs,
-        ))
-    return torch.cat(halves, dim=1)
+    kv_valid = None if kv_valid is None else kv_valid.bool()
+    query, key, value = _as_halves(query), _as_halves(key), _as_halves(value)
+    sinks = min(feature.sink_tokens, length)
+    merge = bool(sinks) or s_aux is not None
+    out = _grouped_attention(query, key, value, batch=batch, group=group, kv_valid=kv_valid, segments=segment_ids,
+                             return_lse=merge, **kwargs)
+    if merge:
+        visible = None
+        if sinks:
+            visible = _earlier_sinks(length, group, sinks, query.device)
+            if kv_valid is not None:
+                visible = visible & kv_valid[None, :, None, :sinks]
+        out = _merge_extra_logits(*out, query, key, value, batch=batch, sink_visible=visible,
+                                  s_aux=None if s_aux is None else s_aux.reshape(2, -1), **kwargs)
+    # (2, h, B * S, D) -> (B, S, H, D) memory, viewed as (B, H, S, D)
+    out = out.unflatten(2, (batch, length)).permute(2, 3, 0, 1, 4).reshape(batch, length, heads, dim)
+    return out.transpose(1, 2)
 
 
 def s2_attention_forward(
