@@ -21,13 +21,15 @@ t0=$(date +%s)
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-# 1. CUDA tests of speculative decoding (greedy identity on the GPU, the reference pair in fp32).
-timeout -s INT -k 15 60 "$PY" -m pytest tests/test_speculative.py -m cuda -x -q -rA -p no:cacheprovider \
+# 1. CUDA tests of speculative decoding (greedy identity on the GPU, the reference pair in fp32; graphed draft
+#    steps against eager ones and plain generate).
+timeout -s INT -k 15 90 "$PY" -m pytest tests/test_speculative.py -m cuda -x -q -rA -p no:cacheprovider \
   > "$OUT/pytest_cuda.log" 2>&1
 rc_test=$?
 echo "pytest -m cuda: rc=$rc_test ($(( $(date +%s) - t0 )) s)"; tail -5 "$OUT/pytest_cuda.log"
 
-# 2. Reference pair: self-speculation vs plain decoding, same cache (8K/32K, batch 1/32, T 0/0.8).
+# 2. Reference pair: self-speculation vs plain decoding, same cache, CUDA graphs on both sides (8K/32K, batch 1/32,
+#    T 0/0.8).
 t1=$(date +%s)
 timeout -s INT -k 15 110 "$PY" benchmarks/speculative.py --out "$OUT" --quick --parts pair > "$OUT/bench_pair.log" 2>&1
 rc_pair=$?

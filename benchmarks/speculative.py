@@ -7,7 +7,9 @@ Parts (each runs on its own: a failure is logged and the next part runs):
   perplexity at long lengths in benchmarks/results/rope_quality.md) on held-out text (``hf_longctx.eval.corpus``
   validation split), 8K and 32K, batch 1 and 32, temperature 0 and 0.8: self-speculation against plain
   decoding with the SAME ``LongCtxCache`` and attention (``longctx_kv``), so the cache's own speed is not
-  credited to speculation. CUDA graphs: not used on either side (not built).
+  credited to speculation. CUDA graphs on both sides (``--graphs``, the default): plain decoding is
+  ``lc.graph_generate`` and self-speculation replays its draft steps (``Speculative(cuda_graphs=True)``; the
+  verification pass is eager); ``--no-graphs`` runs both eagerly.
 - ``lengths``: self-speculation at 32K batch 1, temperature 0: fixed draft lengths 1..8 against ``"adaptive"``.
 - ``draft``: draft-model speculation (``model_cards/longctx-draft-3m``, its cache bounded by ``streaming:1024``)
   against HF assisted generation (``assistant_model=``, stock caches) with the same pair, batch 1, 32K.
@@ -46,7 +48,7 @@ from hf_longctx.speculative.forward import forward_unseen  # noqa: E402
 CARDS = ROOT / "model_cards"
 ROPE = "dynamic_yarn:32"
 FIELDS = ["time", "device", "torch", "triton", "transformers", "part", "context", "batch", "temperature", "method",
-          "tokens_per_s", "ms_per_token", "mean_accepted", "speedup", "note"]
+          "tokens_per_s", "ms_per_token", "mean_accepted", "speedup", "note", "graphs"]
 
 
 def versions() -> dict:
@@ -85,9 +87,9 @@ class Recorder:
             f"Device {self.info['device']}; torch {self.info['torch']}, triton {self.info['triton']}, "
             f"transformers {self.info['transformers']}; bf16. Produced by `PYTHONPATH=. python "
             "benchmarks/speculative.py --out OUT`. Rates from two runs of different lengths (prefill cancelled). "
-            "Plain and speculative runs use the same LongCtxCache and `longctx_kv` attention; no CUDA graphs on "
-            "either side. The `cost` rows are an 8B-shaped model with RANDOM weights: times only, speedups there "
-            "are a model at the stated acceptance, not measured acceptance.", "",
+            f"Plain and speculative runs use the same LongCtxCache and `longctx_kv` attention; CUDA graphs "
+            f"{self.info['graphs']}. The `cost` rows are an 8B-shaped model with RANDOM weights: times only, "
+            "speedups there are a model at the stated acceptance, not measured acceptance.", "",
             "| part | context | batch | T | method | tokens/s | ms/token | mean accepted | speedup | note |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
@@ -169,13 +171,18 @@ def load_pair(device):
     return tokenizer, target, draft
 
 
-def generate_fn(model, ids, temperature, **extra):
+def generate_fn(model, ids, temperature, graphs=False, **extra):
+    """``run(n)`` generating n tokens over a fresh ``LongCtxCache``; with ``graphs`` and no other loop in ``extra``,
+    plain decoding is ``lc.graph_generate``."""
     sampling = dict(do_sample=True, temperature=temperature, top_k=0) if temperature else dict(do_sample=False)
+    if graphs and "custom_generate" not in extra:
+        extra = {**extra, "custom_generate": lc.graph_generate}
 
     def run(n):
         torch.manual_seed(0)
+        cache = LongCtxCache(model, reserve=ids.shape[1] + n + 64, cuda_graphs=graphs)
         return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                              past_key_values=LongCtxCache(model, reserve=ids.shape[1] + n + 64), **sampling, **extra)
+                              past_key_values=cache, **sampling, **extra)
     return run
 
 
@@ -185,14 +192,15 @@ def part_pair(rec, args, pair, device):
         for batch in args.batches:
             ids = held_out_ids(tokenizer, context, batch, device)
             for temperature in (0.0, 0.8):
-                spec = lc.Speculative(draft="self", draft_kv="streaming:1024", num_draft_tokens=args.gamma)
+                spec = lc.Speculative(draft="self", draft_kv="streaming:1024", num_draft_tokens=args.gamma,
+                                      cuda_graphs=args.graphs)
                 try:
-                    plain, _ = decode_rate(generate_fn(target, ids, temperature), batch, args.n1, args.n2)
+                    plain, _ = decode_rate(generate_fn(target, ids, temperature, args.graphs), batch, args.n1, args.n2)
                     rec.add(part="pair", context=context, batch=batch, temperature=temperature, method="plain",
                             tokens_per_s=plain, ms_per_token=1000 * batch / plain)
                     counter = RoundCounter(target)
                     ours, accepted = decode_rate(
-                        generate_fn(target, ids, temperature, custom_generate=lc.speculative_generate,
+                        generate_fn(target, ids, temperature, args.graphs, custom_generate=lc.speculative_generate,
                                     speculative=spec), batch, args.n1, args.n2, counter)
                     counter.hook.remove()
                     rec.add(part="pair", context=context, batch=batch, temperature=temperature,
@@ -210,15 +218,16 @@ def part_lengths(rec, args, pair, device):
     tokenizer, target, _ = pair
     context = args.contexts[-1]
     ids = held_out_ids(tokenizer, context, 1, device)
-    plain, _ = decode_rate(generate_fn(target, ids, 0.0), 1, args.n1, args.n2)
+    plain, _ = decode_rate(generate_fn(target, ids, 0.0, args.graphs), 1, args.n1, args.n2)
     rec.add(part="lengths", context=context, batch=1, temperature=0.0, method="plain", tokens_per_s=plain,
             ms_per_token=1000 / plain)
     for gamma in [*range(1, 9), "adaptive"]:
         try:
             spec = lc.Speculative(draft="self", draft_kv="streaming:1024", num_draft_tokens=gamma,
-                                  max_draft_tokens=8, threshold=args.threshold)
+                                  max_draft_tokens=8, threshold=args.threshold, cuda_graphs=args.graphs)
             counter = RoundCounter(target)
-            ours, accepted = decode_rate(generate_fn(target, ids, 0.0, custom_generate=lc.speculative_generate,
+            ours, accepted = decode_rate(generate_fn(target, ids, 0.0, args.graphs,
+                                                     custom_generate=lc.speculative_generate,
                                                      speculative=spec), 1, args.n1, args.n2, counter)
             counter.hook.remove()
             rec.add(part="lengths", context=context, batch=1, temperature=0.0, method=f"self G={gamma}",
@@ -241,7 +250,7 @@ def part_draft(rec, args, pair, device):
                                              speculative=spec), 1, args.n1, args.n2, counter)
     counter.hook.remove()
     rec.add(part="draft", context=context, batch=1, temperature=0.0, method=f"ours: draft-3m, G={args.gamma}",
-            tokens_per_s=ours, ms_per_token=1000 / ours, mean_accepted=accepted)
+            tokens_per_s=ours, ms_per_token=1000 / ours, mean_accepted=accepted, note="no CUDA graphs (eager)")
     lc.unpatch(bounded)
     target.set_attn_implementation("sdpa")
     try:
@@ -327,6 +336,8 @@ def main() -> int:
     parser.add_argument("--threshold", type=float, default=0.4, help="adaptive confidence threshold")
     parser.add_argument("--cost-tiny", action="store_true", help="cost part on a tiny model (CPU smoke test)")
     parser.add_argument("--chunk", type=int, default=4096, help="prefill chunk of the cost part")
+    parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="CUDA graphs on both sides of pair/lengths (plain: graph_generate; speculation: draft steps)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     args.contexts = [int(x) for x in args.contexts.split(",")]
@@ -334,7 +345,7 @@ def main() -> int:
     args.batches = [int(x) for x in args.batches.split(",")]
     args.n1, args.n2 = (16, 48) if args.quick else (32, 160)
     args.repeats = 3 if args.quick else 10
-    rec = Recorder(Path(args.out), versions())
+    rec = Recorder(Path(args.out), {**versions(), "graphs": "on both sides" if args.graphs else "off on both sides"})
     parts = args.parts.split(",")
     pair = None
     failed = 0

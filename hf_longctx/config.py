@@ -395,6 +395,9 @@ class Speculative:
             expected gain < 1 (``hf_longctx.speculative.gain``).
         max_draft_tokens: the most tokens an adaptive round drafts; >= 1.
         threshold: ``"adaptive"`` only: the draft confidence, in (0, 1), under which a round stops drafting.
+        cuda_graphs: ``draft="self"`` only: the one-token draft steps run as static steps replayed as a CUDA graph
+            (``hf_longctx.cache.graphs.GraphDecoder``; the verification pass stays eager) over a ``LongCtxCache``
+            without eviction; on CPU the same static steps run eagerly.
     """
 
     draft: Any = "self"
@@ -402,8 +405,10 @@ class Speculative:
     num_draft_tokens: int | str = 4
     max_draft_tokens: int = 16
     threshold: float = 0.4
+    cuda_graphs: bool = False
 
     kind: ClassVar[str] = "speculative"
+    omitted_at_default: ClassVar[tuple[str, ...]] = ("cuda_graphs",)
     shorthand_fields: ClassVar[dict[str, tuple[str, ...]]] = {
         "self": ("num_draft_tokens",),
         "draft": ("draft", "num_draft_tokens"),
@@ -426,6 +431,11 @@ class Speculative:
             0 < self.threshold < 1
         ):
             raise ValueError(f"{owner}: `threshold` must be a number in (0, 1), got {self.threshold!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"{owner}: `cuda_graphs` must be True or False, got {self.cuda_graphs!r}")
+        if self.cuda_graphs and self.draft != "self":
+            raise ValueError(f"{owner}: `cuda_graphs` is supported with draft='self' only (a draft model's steps "
+                             "run eagerly)")
         view = self.draft_kv
         if self.draft == "self" and view is not None and (
             view.policy != "streaming" or view.budget is None or view.budget <= view.sink_tokens
@@ -452,7 +462,7 @@ class Speculative:
             draft = getattr(draft, "name_or_path", None) or None
         fields = {"draft": draft, "draft_kv": None if self.draft_kv is None else feature_to_dict(self.draft_kv)}
         fields.update(num_draft_tokens=self.num_draft_tokens, max_draft_tokens=self.max_draft_tokens)
-        return {**fields, "threshold": self.threshold}
+        return {**fields, "threshold": self.threshold, "cuda_graphs": self.cuda_graphs}
 
 
 S2_TYPES = ("s2", "s2_sink")

@@ -10,9 +10,11 @@ from tiny_models import FAMILIES, STOCK_ATTENTION, random_ids, tiny_model
 from transformers import AutoModelForCausalLM, LogitsProcessorList
 
 import hf_longctx as lc
-from hf_longctx.config import parse_feature
+from hf_longctx.cache import GraphDecoder
+from hf_longctx.config import SinkAttention, parse_feature
 from hf_longctx.speculative import DraftModel, Sequences, SpeculationGain, common_acceptance, greedy_accept, sample_accept
 from hf_longctx.speculative import generate as spec_generate
+from hf_longctx.speculative.forward import forward_unseen
 
 CARDS = Path(__file__).resolve().parent.parent / "model_cards"
 
@@ -344,3 +346,109 @@ def test_greedy_equals_generate_on_the_gpu_reference_models():
         for spec in (lc.Speculative(draft="self", draft_kv="streaming:256"), lc.Speculative(draft=draft)):
             got = model.generate(**kwargs, custom_generate=lc.speculative_generate, speculative=spec)
             assert torch.equal(got, expected), (batch, spec.name)
+
+
+# --------------------------------------------------------------------- self-speculation with CUDA graphs
+def count_static_draft_steps(monkeypatch):
+    """Count the draft steps that go through ``GraphDecoder.step`` (the static steps a graph replays)."""
+    calls = []
+    step = GraphDecoder.step
+    monkeypatch.setattr(GraphDecoder, "step", lambda self, *args: (calls.append(1), step(self, *args))[1])
+    return calls
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_self_speculation_with_graphs_requested_on_cpu_equals_generate(family, monkeypatch):
+    """On CPU the draft steps are the static steps, run eagerly: greedy tokens are still plain generate's, batch
+    1 and 4 left-padded, and the cache leaves static decoding with the device counter at its stored length."""
+    model, calls = tiny_model(family), count_static_draft_steps(monkeypatch)
+    for batch in (1, 4):
+        ids, mask = left_padded(batch, 24, 96)
+        kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        expected = model.generate(**kwargs)
+        calls.clear()
+        spec = lc.Speculative(draft="self", draft_kv=VIEW, num_draft_tokens=3, cuda_graphs=True)
+        out = model.generate(**kwargs, custom_generate=lc.speculative_generate, speculative=spec,
+                             return_dict_in_generate=True)
+        assert torch.equal(out.sequences, expected), batch
+        assert len(calls) >= 3 * 2  # the rounds drafted through the static steps (the first draft of a round too)
+        assert out.past_key_values.cuda_graphs and not any(layer.static for layer in out.past_key_values.layers)
+
+
+def test_self_speculation_with_graphs_adaptive_and_a_cache_passed_in(monkeypatch):
+    model, calls = tiny_model("llama"), count_static_draft_steps(monkeypatch)
+    ids, mask = left_padded(4, 20, 96)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=14, do_sample=False)
+    expected = model.generate(**kwargs)
+    spec = lc.Speculative(draft="self", draft_kv=VIEW, num_draft_tokens="adaptive", threshold=0.2, cuda_graphs=True)
+    got = model.generate(**kwargs, past_key_values=lc.LongCtxCache(model, cuda_graphs=True),
+                         custom_generate=lc.speculative_generate, speculative=spec)
+    assert torch.equal(got, expected) and calls
+
+
+def test_static_draft_steps_attend_through_the_view():
+    """A static draft step reads the same sinks + window as the eager draft step through the view."""
+    model = tiny_model("llama")
+    model.set_attn_implementation("longctx_kv")
+    ids = random_ids(1, 41)
+    view = SinkAttention(sink_tokens=2, window=4)
+    logits = []
+    for static in (False, True):
+        cache = lc.LongCtxCache(model, cuda_graphs=True)
+        with torch.no_grad():
+            forward_unseen(model, cache, ids[:, :40], None, keep=1)
+            decoder = GraphDecoder(model, cache, graphs=False)
+            if static:
+                decoder.start(4)
+            cache.set_view(view)
+            if static:
+                logits.append(decoder.step(ids[:, 40], torch.tensor([40])).clone())
+            else:
+                logits.append(forward_unseen(model, cache, ids, None, keep=1)[:, 0])
+            cache.set_view(None)
+            decoder.stop()
+    dense = lc.LongCtxCache(model)
+    with torch.no_grad():
+        full = forward_unseen(model, dense, ids, None, keep=1)[:, 0]
+    assert not torch.allclose(logits[0], full, atol=1e-4)  # the view really differs from the whole cache
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-4)
+
+
+def test_graphs_are_refused_for_a_draft_model_and_an_evicting_cache():
+    with pytest.raises(ValueError, match="`cuda_graphs` is supported with draft='self' only"):
+        lc.Speculative(draft=tiny_model("llama", seed=5), cuda_graphs=True)
+    with pytest.raises(ValueError, match="`cuda_graphs` must be True or False"):
+        lc.Speculative(cuda_graphs="yes")
+    model = lc.patch(tiny_model("llama"), kv="streaming:budget=24")
+    spec = lc.Speculative(draft="self", draft_kv=VIEW, cuda_graphs=True)
+    with pytest.raises(ValueError, match="`cuda_graphs` needs a LongCtxCache without eviction"):
+        model.generate(random_ids(1, 30), max_new_tokens=4, custom_generate=lc.speculative_generate,
+                       speculative=spec)
+    assert "cuda_graphs" not in lc.config.feature_to_dict(lc.Speculative())  # the default is not written
+    assert parse_feature("speculative", lc.config.feature_to_dict(spec)) == spec
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_graphed_self_speculation_equals_eager_on_the_gpu(monkeypatch):
+    """fp32 reference target on the GPU: self-speculation with graphed draft steps gives plain generate's tokens,
+    token by token, as does the same speculation with eager draft steps; the graph is captured once per call and
+    replayed for the other draft steps."""
+    model = AutoModelForCausalLM.from_pretrained(CARDS / "longctx-target-20m", dtype=torch.float32).cuda().eval()
+    model.set_attn_implementation("longctx_kv")
+    decoders = []
+    start = GraphDecoder.start
+    monkeypatch.setattr(GraphDecoder, "start", lambda self, *a, **k: (decoders.append(self), start(self, *a, **k))[1])
+    for batch in (1, 4):
+        ids, mask = left_padded(batch, 600, 8192)
+        kwargs = dict(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=32, min_new_tokens=32,
+                      do_sample=False)
+        expected = model.generate(**kwargs, past_key_values=lc.LongCtxCache(model))
+        outs = []
+        for graphs in (True, False):
+            spec = lc.Speculative(draft="self", draft_kv="streaming:256", num_draft_tokens=4, cuda_graphs=graphs)
+            outs.append(model.generate(**kwargs, past_key_values=lc.LongCtxCache(model, cuda_graphs=True),
+                                       custom_generate=lc.speculative_generate, speculative=spec))
+        assert torch.equal(outs[0], expected) and torch.equal(outs[1], expected), batch
+        graphed = decoders[-1]
+        assert graphed.captures >= 1 and graphed.replays > graphed.captures, (batch, graphed.replays)

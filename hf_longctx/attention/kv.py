@@ -150,9 +150,9 @@ def moves_sinks(feature: SinkAttention | None) -> bool:
 def _static_attention(module, layer, query, key, value, scaling, sliding_window, softcap, s_aux) -> torch.Tensor:
     """A static one-token step (module docstring): (B, Sq=1, H, D) contiguous attention over the slots below the
     layer's device counter, the query one past them (windows + 1)."""
-    if layer.policy is not None:
+    if layer.policy is not None and layer.view is None:  # draft steps leave no scores
         layer.observe_static(query, scaling, softcap)
-    feature = static_rule(module, sliding_window)
+    feature = layer.view if layer.view is not None else static_rule(module, sliding_window)
     kwargs = dict(scale=scaling, softcap=softcap, s_aux=s_aux)
     if moves_sinks(feature):
         # The kernels see the query at logical index n (its true one is n - 1): with window w + 1 the "cache"

@@ -95,6 +95,14 @@ class GraphDecoder:
             layer.set_static(True, padding)
             layer.reserve_static(steps)
 
+    def reserve(self, tokens: int) -> None:
+        """Make room for ``tokens`` more tokens in every layer while static (multi-token eager writes, such as a
+        speculative verification pass, count); a short layer grows to at least twice its stored length, so its
+        buffers move (and the graph is re-captured) rarely."""
+        for layer in self.layers:
+            if layer.stored_length + tokens + 1 > layer.capacity:
+                layer.reserve_static(max(tokens, layer.stored_length))
+
     def stop(self) -> None:
         """Leave static decoding (the cache is usable as before) and free the graph."""
         self.graph, self._warm = None, None

@@ -343,6 +343,7 @@ class LongCtxLayer(CacheLayerMixin):
         """Host bookkeeping of a replayed static step (the device did the writes)."""
         self.stored_length += 1
         self.cumulative_length += 1
+        self._since_eviction += 1  # as the eager step counts it: a crop may remove the token
         self._since_eviction += 1
         if self.policy is not None and self.policy.uses_attention:
             self._static_count += 1
@@ -425,8 +426,8 @@ class LongCtxLayer(CacheLayerMixin):
             start: logical index of the first column; every seen one must still be stored in order.
         """
         seen = min(holes.shape[1], self.cumulative_length - start)
-        if not self.is_initialized or seen <= 0 or self.policy is None:
-            return  # without a policy the 2D padding mask alone marks holes
+        if not self.is_initialized or seen <= 0 or (self.policy is None and not self.static):
+            return  # without a policy the 2D padding mask alone marks holes (a static step reads `valid`)
         if self.cumulative_length - start > self._since_eviction:
             raise ValueError(
                 f"LongCtxCache: layer {self.layer_idx} cannot mark holes from token {start}: only the last "

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.cache_utils import DynamicSlidingWindowLayer
 from transformers.generation import LogitsProcessorList
 
-from ..cache import LongCtxCache, LongCtxLayer
+from ..cache import GraphDecoder, LongCtxCache, LongCtxLayer
 from ..config import SinkAttention, Speculative
 from .forward import forward_unseen
 from .sequences import Sequences
@@ -40,6 +40,12 @@ class Drafter:
 
     def __init__(self, model: PreTrainedModel, cache: LongCtxCache, speculative: Speculative):
         self.model, self.cache, self.speculative = model, cache, speculative
+
+    def prefill(self, sequences: Sequences) -> None:
+        """Prepare drafting once the target has run the prompt ``sequences`` (nothing to do here)."""
+
+    def close(self) -> None:
+        """Release what ``prefill`` set up, after the last round (nothing here)."""
 
     def max_tokens(self) -> int:
         """The most tokens one round drafts."""
@@ -140,23 +146,57 @@ class SelfDraft(Drafter):
     kernel reads only those slots); other layers (e.g. sliding-window ones) run as they are. The K/V the draft
     forwards write are cropped when drafting ends, so the verification pass writes the target's exact ones.
 
+    With ``speculative.cuda_graphs`` the one-token draft steps are the static steps of a ``GraphDecoder``
+    (replayed as a CUDA graph on CUDA, run eagerly on CPU): the cache enters static decoding after the prefill and
+    stays in it through the verification passes (eager multi-token writes that set the device counter, as crops
+    do), so one captured step serves every round. The cache must not evict.
+
     Args:
         model: the target (running ``longctx_kv``); cache: its ``LongCtxCache``, recording the past.
         speculative: the feature; its ``draft_kv`` (``streaming`` with a budget) sets the view.
+    Raises:
+        ValueError: ``cuda_graphs`` over a cache that evicts.
     """
 
     def __init__(self, model: PreTrainedModel, cache: LongCtxCache, speculative: Speculative):
         super().__init__(model, cache, speculative)
         kv = speculative.self_view
         self.view = SinkAttention(sink_tokens=kv.sink_tokens, window=kv.budget - kv.sink_tokens)
+        if speculative.cuda_graphs and cache.kv is not None:
+            raise ValueError(f"Speculative: `cuda_graphs` needs a LongCtxCache without eviction (kv=None), got kv="
+                             f"{cache.kv!r}")
+        self.decoder: GraphDecoder | None = None
+
+    def prefill(self, sequences: Sequences) -> None:
+        """With ``cuda_graphs``: put the (prefilled) cache in static decoding for the draft steps."""
+        if not self.speculative.cuda_graphs:
+            return
+        self.decoder = GraphDecoder(self.model, self.cache)
+        padded = not bool(sequences.mask.all())
+        self.decoder.start(self.max_tokens() + 2, padding=sequences.mask if padded else None)
+
+    def close(self) -> None:
+        """Leave static decoding (the cache is usable as before)."""
+        if self.decoder is not None:
+            self.decoder.stop()
+            self.decoder = None
+
+    def step(self, slots: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``Drafter.step``; one new token with ``cuda_graphs`` is a static step (its logits are the decoder's
+        buffer, overwritten by the next step)."""
+        if self.decoder is None or slots.shape[1] - self.cache.get_seq_length() != 1:
+            return super().step(slots, mask)
+        return self.decoder.step(slots[:, -1], mask.sum(-1) - 1)
 
     @torch.no_grad()
-    def propose(self, sequences: Sequences, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def propose(self, sequences: Sequences, limit: int, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """``Drafter.propose`` through the view; the cache is back at its length before drafting afterwards."""
         seen = self.cache.get_seq_length()
+        if self.decoder is not None:
+            self.decoder.reserve(limit + 2)  # the drafts, then the verification's G + 1 tokens and a spare slot
         self.cache.set_view(self.view)
         try:
-            return super().propose(sequences, *args, **kwargs)
+            return super().propose(sequences, limit, *args, **kwargs)
         finally:
             self.cache.set_view(None)
             self.cache.crop(seen - self.cache.get_seq_length())

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.generation import GenerateDecoderOnlyOutput, LogitsProcessorList, StoppingCriteriaList
 
 from ..attention.kv import KV_ATTENTION_NAME
@@ -113,7 +113,7 @@ def speculative_generate(
                             model_kwargs.get("attention_mask"), logits_processor, stopping_criteria,
                             generation_config, streamer)
     else:
-        cache = _own_cache(model, cache, generation_config)
+        cache = _own_cache(model, cache, generation_config, feature.cuda_graphs)
         with _kv_attention(model):
             sequences = _decode(model, cache, SelfDraft(model, cache, feature), feature, input_ids,
                                 model_kwargs.get("attention_mask"), logits_processor, stopping_criteria,
@@ -125,8 +125,10 @@ def speculative_generate(
     return sequences
 
 
-def _own_cache(model: PreTrainedModel, cache: Cache, generation_config: GenerationConfig) -> LongCtxCache:
-    """Self-speculation's cache: the ``LongCtxCache`` passed in, or one replacing generate's empty default."""
+def _own_cache(model: PreTrainedModel, cache: Cache, generation_config: GenerationConfig,
+               cuda_graphs: bool) -> LongCtxCache:
+    """Self-speculation's cache: the ``LongCtxCache`` passed in, or one replacing generate's empty default
+    (with ``cuda_graphs``, one whose every layer is a ``LongCtxLayer``)."""
     if isinstance(cache, LongCtxCache):
         return cache
     if cache.get_seq_length() != 0:
@@ -134,7 +136,7 @@ def _own_cache(model: PreTrainedModel, cache: Cache, generation_config: Generati
             f"Speculative: draft='self' drafts through a view of a LongCtxCache; got a filled {type(cache).__name__}: "
             "pass past_key_values=lc.LongCtxCache(model) or none"
         )
-    return LongCtxCache(model, reserve=generation_config.max_length)
+    return LongCtxCache(model, reserve=generation_config.max_length, cuda_graphs=cuda_graphs)
 
 
 @contextlib.contextmanager
@@ -156,9 +158,12 @@ def _kv_attention(model: PreTrainedModel) -> Iterator[None]:
         model.set_attn_implementation(previous)
 
 
-def _per_row(cache: Cache) -> bool:
-    """Whether rows may advance by their own counts: every layer is full attention (windows count slots)."""
-    return all(isinstance(layer, LongCtxLayer) or type(layer) is DynamicLayer for layer in cache.layers)
+def _per_row(model: PreTrainedModel, cache: Cache) -> bool:
+    """Whether rows may advance by their own counts: every layer is full attention (windows count slots; a
+    ``LongCtxCache(cuda_graphs=True)`` holds sliding-window layers in ``LongCtxLayer``s too)."""
+    stock = DynamicCache(config=model.config.get_text_config(decoder=True)).layers
+    return all(type(layer) is DynamicLayer for layer in stock) and all(
+        isinstance(layer, LongCtxLayer) or type(layer) is DynamicLayer for layer in cache.layers)
 
 
 def _decode(
@@ -175,61 +180,65 @@ def _decode(
 ) -> torch.Tensor:
     """The rounds: verify, accept per row, roll back, draft. Returns the (B, S + new) sequences."""
     sequences = Sequences(input_ids, attention_mask)
-    per_row, do_sample = _per_row(cache), bool(generation_config.do_sample)
+    per_row, do_sample = _per_row(model, cache), bool(generation_config.do_sample)
     gain = SpeculationGain() if feature.num_draft_tokens == "adaptive" else None
     active = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     logits = forward_unseen(model, cache, sequences.slots, sequences.mask, keep=1)
     cache.activate_past_recording()  # after the prefill, as generate does: only decode tokens are rolled back
-    if isinstance(drafter, DraftModel):
-        drafter.prefill(sequences)
-    drafts, draft_probs = input_ids.new_zeros(input_ids.shape[0], 0), logits.new_zeros(*logits.shape[:1], 0, logits.shape[-1])
-    no_drafts = drafts, draft_probs
-    draft_s = verify_s = 0.0
-    while True:
-        # 1. Verify: the target's processed scores after each draft prefix (the last is the bonus position).
-        drafted = drafts.shape[1]
-        scores = torch.stack(
-            [sequences.process(logits_processor, logits[:, j], drafts[:, :j]) for j in range(drafted + 1)], dim=1
-        )
-        if do_sample:
-            accepted, next_token = sample_accept(drafts, draft_probs, torch.softmax(scores, dim=-1))
-        else:
-            accepted, next_token = greedy_accept(drafts, scores)
-        # 2. The round's columns: per row, its accepted drafts (holes after them up to the longest) + its token.
-        if per_row:
-            kept = int(accepted[active].max())
-            holes = (torch.arange(kept, device=accepted.device) >= accepted[:, None]) & active[:, None]
-            columns = torch.cat([drafts[:, :kept], next_token[:, None]], dim=1)
-        else:
-            kept, columns = common_acceptance(drafts, accepted, next_token, active)
-            holes = torch.zeros_like(drafts[:, :kept], dtype=torch.bool)
-        # 3. Roll the target back to them (the round's last token is not in its cache yet).
-        start = sequences.length
-        if isinstance(cache, LongCtxCache):
-            cache.mark_holes(holes, start)
-        cache.crop(kept - drafted)
-        before = sequences.counts[active].float().mean()
-        sequences.append(columns, torch.cat([holes, holes.new_zeros(holes.shape[0], 1)], dim=1), active,
-                         stopping_criteria, streamer)
-        if not bool(active.any()):
-            break
-        if gain is not None and drafted:
-            gain.record(float(sequences.counts[active].float().mean() - before), draft_s, verify_s)
-        # 4. Draft, without passing the maximum length (the last new token needs no draft).
-        if isinstance(drafter, DraftModel):
-            drafter.rollback(sequences.length - 1, holes, start)
-        remaining = generation_config.max_length - sequences.prompt - sequences.counts
-        room = int(remaining[active].max()) - 1
-        clock = time.perf_counter()
-        if room >= 1 and (gain is None or gain.enabled):
-            drafts, draft_probs = drafter.propose(
-                sequences, min(room, drafter.max_tokens()), logits_processor, do_sample, active
+    drafter.prefill(sequences)
+    try:
+        drafts = input_ids.new_zeros(input_ids.shape[0], 0)
+        draft_probs = logits.new_zeros(logits.shape[0], 0, logits.shape[-1])
+        no_drafts = drafts, draft_probs
+        draft_s = verify_s = 0.0
+        while True:
+            # 1. Verify: the target's processed scores after each draft prefix (the last is the bonus position).
+            drafted = drafts.shape[1]
+            scores = torch.stack(
+                [sequences.process(logits_processor, logits[:, j], drafts[:, :j]) for j in range(drafted + 1)], dim=1
             )
-        else:
-            drafts, draft_probs = no_drafts
-        draft_s, clock = time.perf_counter() - clock, time.perf_counter()
-        logits = forward_unseen(model, cache, *sequences.with_drafts(drafts), keep=drafts.shape[1] + 1)
-        if gain is not None:
-            logits.sum().item()  # wait for the device: the verification's time is measured
-        verify_s = time.perf_counter() - clock
+            if do_sample:
+                accepted, next_token = sample_accept(drafts, draft_probs, torch.softmax(scores, dim=-1))
+            else:
+                accepted, next_token = greedy_accept(drafts, scores)
+            # 2. The round's columns: per row, its accepted drafts (holes after them up to the longest) + its token.
+            if per_row:
+                kept = int(accepted[active].max())
+                holes = (torch.arange(kept, device=accepted.device) >= accepted[:, None]) & active[:, None]
+                columns = torch.cat([drafts[:, :kept], next_token[:, None]], dim=1)
+            else:
+                kept, columns = common_acceptance(drafts, accepted, next_token, active)
+                holes = torch.zeros_like(drafts[:, :kept], dtype=torch.bool)
+            # 3. Roll the target back to them (the round's last token is not in its cache yet).
+            start = sequences.length
+            if isinstance(cache, LongCtxCache):
+                cache.mark_holes(holes, start)
+            cache.crop(kept - drafted)
+            before = sequences.counts[active].float().mean()
+            sequences.append(columns, torch.cat([holes, holes.new_zeros(holes.shape[0], 1)], dim=1), active,
+                             stopping_criteria, streamer)
+            if not bool(active.any()):
+                break
+            if gain is not None and drafted:
+                gain.record(float(sequences.counts[active].float().mean() - before), draft_s, verify_s)
+            # 4. Draft, without passing the maximum length (the last new token needs no draft).
+            if isinstance(drafter, DraftModel):
+                drafter.rollback(sequences.length - 1, holes, start)
+            remaining = generation_config.max_length - sequences.prompt - sequences.counts
+            room = int(remaining[active].max()) - 1
+            clock = time.perf_counter()
+            if room >= 1 and (gain is None or gain.enabled):
+                drafts, draft_probs = drafter.propose(
+                    sequences, min(room, drafter.max_tokens()), logits_processor, do_sample, active
+                )
+            else:  # plain steps from now on (the gain rule does not switch back): leave the drafter's static mode
+                drafter.close()
+                drafts, draft_probs = no_drafts
+            draft_s, clock = time.perf_counter() - clock, time.perf_counter()
+            logits = forward_unseen(model, cache, *sequences.with_drafts(drafts), keep=drafts.shape[1] + 1)
+            if gain is not None:
+                logits.sum().item()  # wait for the device: the verification's time is measured
+            verify_s = time.perf_counter() - clock
+    finally:
+        drafter.close()
     return sequences.output(generation_config._pad_token_tensor)
