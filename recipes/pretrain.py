@@ -351,6 +351,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def tokenizer_files(folder: str) -> list[str]:
+    """Names of the tokenizer's files in `folder`, which may be a whole model folder (a reference model's
+    tokenizer): its weights, config, card and eval results are not the new model's."""
+    names = {"special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja"}
+    return sorted(n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n))
+                  and (n.startswith("tokenizer") or n in names))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     set_seed(args.seed)
@@ -424,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
         model = trainer.accelerator.unwrap_model(trainer.model).to(torch.bfloat16)
         model.config.use_cache = True  # the Trainer turned it off for training
         model.save_pretrained(args.output)
-        for name in os.listdir(args.tokenizer):  # the tokenizer's files as trained, byte for byte
+        for name in tokenizer_files(args.tokenizer):  # the tokenizer's files as trained, byte for byte
             shutil.copy(os.path.join(args.tokenizer, name), args.output)
         facts = dict(
             name=args.model,

@@ -10,6 +10,8 @@
 # RESULTS_DIR (default benchmarks/results/softplus_extrapolation) receives table.md, results.json, plot.png.
 # Knobs: STEPS=1000 (32.8 M tokens each), MAX_MINUTES=1.6 (safety cap per run; a run stopped by it is flagged
 # in the table), SAMPLES=4 validation windows per length, TOKENIZER (default model_cards/longctx-target-20m).
+# SMOKE=1: a CPU check of the plumbing (plain python, 64-token blocks, batch 2, 2 steps, 1x..2x, ~3 minutes on
+# 2 cores); its numbers mean nothing.
 set -uo pipefail
 MODEL_OUT=${1:?usage: softplus_extrapolation.sh MODEL_OUT [RESULTS_DIR]}
 RESULTS=${2:-benchmarks/results/softplus_extrapolation}
@@ -19,26 +21,34 @@ SAMPLES=${SAMPLES:-4}
 TOKENIZER=${TOKENIZER:-model_cards/longctx-target-20m}
 PYTHON=${PYTHON:-$(command -v python || command -v python3)}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=true
+LAUNCH=("$PYTHON" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision bf16
+        --dynamo_backend no)
+SEQ=1024 BATCH=32 MULTIPLES=1,2,4,8,16 DATA=()
+if [[ "${SMOKE:-0}" == 1 ]]; then
+    LAUNCH=("$PYTHON") SEQ=64 BATCH=2 MULTIPLES=1,2 STEPS=2 SAMPLES=1
+    DATA=(--max-train-bytes 200000 --eval-blocks 2 --num-workers 0 --logging-steps 1)
+fi
 mkdir -p "$MODEL_OUT" "$RESULTS"
-COMMAND="STEPS=$STEPS MAX_MINUTES=$MAX_MINUTES SAMPLES=$SAMPLES bash recipes/softplus_extrapolation.sh $MODEL_OUT $RESULTS"
+COMMAND="SMOKE=${SMOKE:-0} STEPS=$STEPS MAX_MINUTES=$MAX_MINUTES SAMPLES=$SAMPLES bash recipes/softplus_extrapolation.sh \
+$MODEL_OUT $RESULTS"
 
 for spec in "softmax:softmax" "lssa:softplus:reweight=false" "lssar:softplus"; do
     name=${spec%%:*}
     attention=${spec#*:}
     echo "=== train $name (--attention $attention)"
-    "$PYTHON" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision bf16 \
-        --dynamo_backend no recipes/pretrain.py --model target --tokenizer "$TOKENIZER" --output "$MODEL_OUT/$name" \
-        --attention "$attention" --seq-len 1024 --batch-size 32 --max-steps "$STEPS" --max-minutes "$MAX_MINUTES" \
-        --eval-steps 0 --token-cache "$MODEL_OUT/tokens.pt" || echo "!!! training $name failed"
+    "${LAUNCH[@]}" recipes/pretrain.py --model target --tokenizer "$TOKENIZER" --output "$MODEL_OUT/$name" \
+        --attention "$attention" --seq-len "$SEQ" --batch-size "$BATCH" --max-steps "$STEPS" \
+        --max-minutes "$MAX_MINUTES" --eval-steps 0 --token-cache "$MODEL_OUT/tokens.pt" "${DATA[@]}" \
+        || echo "!!! training $name failed"
     echo "=== eval $name"
-    "$PYTHON" -m hf_longctx.cli eval "$MODEL_OUT/$name" --task ppl --multiples 1,2,4,8,16 --samples "$SAMPLES" \
+    "$PYTHON" -m hf_longctx.cli eval "$MODEL_OUT/$name" --task ppl --multiples "$MULTIPLES" --samples "$SAMPLES" \
         --output "$MODEL_OUT/$name/eval" || echo "!!! eval $name failed"
 done
 
-"$PYTHON" - "$MODEL_OUT" "$RESULTS" "$COMMAND" <<'PY'
+"$PYTHON" - "$MODEL_OUT" "$RESULTS" "$COMMAND" "$SEQ" <<'PY'
 import json, os, sys
 import torch, transformers
-out, results, command = sys.argv[1:4]
+out, results, command, seq = *sys.argv[1:4], int(sys.argv[4])
 rows = {}
 for name in ("softmax", "lssa", "lssar"):
     entry = {}
@@ -54,10 +64,10 @@ for name in ("softmax", "lssa", "lssar"):
     rows[name] = entry
 device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 lengths = next((r["lengths"] for r in rows.values() if "lengths" in r), [])
-lines = [f"# Softplus attention extrapolation (target model, trained at 1024 tokens, same token budget)", "",
+lines = [f"# Softplus attention extrapolation (target model, trained at {seq} tokens, same token budget)", "",
          f"Device: {device}; torch {torch.__version__}; transformers {transformers.__version__}.",
          f"Command: `{command}`", "", "Validation loss (mean token NLL) by evaluation length:", "",
-         "| attention | " + " | ".join(f"{l} ({l // 1024}x)" for l in lengths) + " | steps | tokens |",
+         "| attention | " + " | ".join(f"{l} ({l // seq}x)" for l in lengths) + " | steps | tokens |",
          "|---|" + "---|" * (len(lengths) + 2)]
 for name, r in rows.items():
     nll = r.get("nll", [])
@@ -76,7 +86,7 @@ try:
         if "nll" in r:
             plt.plot(r["lengths"], r["nll"], marker="o", label=name)
     plt.xscale("log", base=2); plt.xlabel("evaluation length (tokens)"); plt.ylabel("validation loss")
-    plt.legend(); plt.title("trained at 1024 tokens"); plt.savefig(os.path.join(results, "plot.png"), dpi=120)
+    plt.legend(); plt.title(f"trained at {seq} tokens"); plt.savefig(os.path.join(results, "plot.png"), dpi=120)
 except Exception as exc:
     print("plot failed:", exc)
 print("\n".join(lines))

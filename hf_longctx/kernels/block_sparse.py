@@ -11,8 +11,9 @@ Kernels (log2 units, ``exp2``, as ``sink_window.py``):
 
 * ``_fwd_kernel``: one program per (query block, batch*head), last blocks first. It runs the full-block list
   without any mask, then the partial list with the causal/length mask, then the column list (gathered keys,
-  ``BLOCK_C`` at a time). The list loops load the next block index inside the loop, so Triton pipelines the
-  K/V loads as in the dense kernel.
+  ``BLOCK_C`` at a time). Each listed block is one ``sink_window._fwd_block`` step in dense mode (no sinks,
+  no window), the columns use its ``_fwd_probs``. The list loops load the next block index inside the loop,
+  so Triton pipelines the K/V loads as in the dense kernel.
 * Backward (block lists only; columns have no backward): ``sink_window._bwd_delta_kernel``, then
   ``_bwd_dq_kernel`` (query blocks, the forward's lists) and ``_bwd_dkdv_kernel`` (key blocks, the
   transposed lists built on the device by :func:`transpose_lists`; loops over the G query heads of a KV
@@ -40,123 +41,89 @@ _DENSE_WINDOW = sw._DENSE_WINDOW
 _LOG2E = sw._LOG2E
 
 if triton is not None:
-    from .sink_window import _bwd_delta_kernel, _dkdv_inner, _dq_inner
+    from .sink_window import (_bwd_delta_kernel, _dkdv_inner, _dq_inner, _fwd_block, _fwd_probs, _load_kv,
+                              _row_tile, _store_dkdv)
 
     @triton.jit
-    def _list_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, idx_ptr, n, rows, Skv, qk_scale,
-                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-                    DOT_PREC: tl.constexpr, DOT_T: tl.constexpr):
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < HEAD_DIM
-        k_tile = offs_n[:, None] * stride_ks + offs_d[None, :]
-        v_tile = offs_n[:, None] * stride_vs + offs_d[None, :]
+    def _query_program(K, V, stride_kb, stride_kh, stride_vb, stride_vh, H, G, S, QB, BLOCK: tl.constexpr):
+        """A program of the grid (query blocks, B * H), last query blocks first: (batch b, head h, its BLOCK
+        query rows (absolute), their causal key bound min(row + 1, S), the (b, h, qb) row of the (B, H, QB)
+        list tensors, the base of (b, h) in (B, H, S) tensors, the K and V bases of KV head h // G)."""
+        qb = tl.num_programs(0) - 1 - tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        b = bh // H
+        h = bh % H
+        rows = qb * BLOCK + tl.arange(0, BLOCK)
+        k_base = K + b * stride_kb + (h // G) * stride_kh
+        v_base = V + b * stride_vb + (h // G) * stride_vh
+        return b, h, rows, tl.minimum(rows + 1, S), bh * QB + qb, bh * S, k_base, v_base
+
+    @triton.jit
+    def _list_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, idx_ptr, n, rows, kmax, Skv, WINDOW,
+                    qk_scale, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    MASKED: tl.constexpr, DOT_PREC: tl.constexpr, DOT_T: tl.constexpr):
+        """The ``n`` key blocks listed at ``idx_ptr`` (block indices), in order: ``sink_window._fwd_block`` in
+        dense mode (no sinks, ``WINDOW`` past any distance); ``MASKED`` applies the causal / length mask."""
         for e in range(0, n):
-            start = tl.load(idx_ptr + e) * BLOCK_N
-            start64 = tl.cast(start, tl.int64)
-            cols = start + offs_n
-            if MASKED:
-                ld = (cols < Skv)[:, None] & d_ok[None, :]
-                k = tl.load(k_base + start64 * stride_ks + k_tile, mask=ld, other=0.0)
-            elif BLOCK_D != HEAD_DIM:
-                k = tl.load(k_base + start64 * stride_ks + k_tile, mask=d_ok[None, :], other=0.0)
-            else:
-                k = tl.load(k_base + start64 * stride_ks + k_tile)
-            qk = tl.dot(q.to(DOT_T), tl.trans(k.to(DOT_T)), input_precision=DOT_PREC)
-            if MASKED:
-                s = tl.where((cols[None, :] <= rows[:, None]) & (cols < Skv)[None, :], qk * qk_scale, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp2(s - m_use[:, None])
-            else:
-                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-                m_use = m_new
-                p = tl.exp2(qk * qk_scale - m_use[:, None])
-            alpha = tl.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            if MASKED:
-                v = tl.load(v_base + start64 * stride_vs + v_tile, mask=ld, other=0.0)
-            elif BLOCK_D != HEAD_DIM:
-                v = tl.load(v_base + start64 * stride_vs + v_tile, mask=d_ok[None, :], other=0.0)
-            else:
-                v = tl.load(v_base + start64 * stride_vs + v_tile)
-            acc = tl.dot(p.to(v.dtype).to(DOT_T), v.to(DOT_T), acc, input_precision=DOT_PREC)
-            m_i = m_new
+            acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs,
+                                       tl.load(idx_ptr + e) * BLOCK_N, Skv, 0, kmax, rows, 0, WINDOW, qk_scale,
+                                       1.0, 1.0, BLOCK_N, BLOCK_D, HEAD_DIM, MASKED, False, DOT_PREC, DOT_T)
         return acc, l_i, m_i
 
     @triton.jit
-    def _column_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, col_ptr, n, rows, qk_scale,
-                      BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    def _column_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, col_ptr, n, rows, kmax, Skv, WINDOW,
+                      qk_scale, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                       DOT_PREC: tl.constexpr, DOT_T: tl.constexpr):
+        """The ``n`` key columns listed at ``col_ptr`` (positions), ``BLOCK_C`` at a time, causal mask."""
         offs_c = tl.arange(0, BLOCK_C)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
         for t0 in range(0, n, BLOCK_C):
             ok = t0 + offs_c < n
-            j = tl.load(col_ptr + t0 + offs_c, mask=ok, other=0).to(tl.int64)
+            j = tl.load(col_ptr + t0 + offs_c, mask=ok, other=-1).to(tl.int64)  # -1: never visible
             ld = ok[:, None] & d_ok[None, :]
             k = tl.load(k_base + j[:, None] * stride_ks + offs_d[None, :], mask=ld, other=0.0)
             qk = tl.dot(q.to(DOT_T), tl.trans(k.to(DOT_T)), input_precision=DOT_PREC)
-            s = tl.where(ok[None, :] & (j[None, :] <= rows[:, None]), qk * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_use[:, None])
+            p, m_new, m_use = _fwd_probs(qk, m_i, j, Skv, 0, kmax, rows, 0, WINDOW, qk_scale, 1.0, 1.0, True, True,
+                                         False)
             alpha = tl.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
             v = tl.load(v_base + j[:, None] * stride_vs + offs_d[None, :], mask=ld, other=0.0)
-            acc = tl.dot(p.to(v.dtype).to(DOT_T), v.to(DOT_T), acc, input_precision=DOT_PREC)
+            acc = tl.dot(p.to(v.dtype).to(DOT_T), v.to(DOT_T), acc * alpha[:, None], input_precision=DOT_PREC)
             m_i = m_new
         return acc, l_i, m_i
 
-    @triton.jit(do_not_specialize=["H", "G", "S", "QB", "KVB", "FKVB", "NC"])
+    @triton.jit(do_not_specialize=["H", "G", "S", "QB", "KVB", "FKVB", "NC", "WINDOW"])
     def _fwd_kernel(Q, K, V, O, LSE, NUM, IDX, FNUM, FIDX, CNUM, CIDX,
                     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                     stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
-                    H, G, S, QB, KVB, FKVB, NC, qk_scale,
+                    H, G, S, QB, KVB, FKVB, NC, WINDOW, qk_scale,
                     HAS_FULL: tl.constexpr, HAS_COLS: tl.constexpr, DOT_PREC: tl.constexpr, DOT_T: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
-        qb = tl.num_programs(0) - 1 - tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        hk = h // G
-        offs_m = tl.arange(0, BLOCK)
-        offs_d = tl.arange(0, BLOCK_D)
-        rows = qb * BLOCK + offs_m
-        row_ok = rows < S
-        d_ok = offs_d < HEAD_DIM
-        b64 = b.to(tl.int64)
-        h64 = h.to(tl.int64)
-        rows64 = rows.to(tl.int64)
-        q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + rows64[:, None] * stride_qs + offs_d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
-        v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
-        row = pid_bh.to(tl.int64) * QB + qb  # (b, h, qb) row of the (B, H, QB) count tensors
-
+        b, h, rows, kmax, row, bh_s, k_base, v_base = _query_program(K, V, stride_kb, stride_kh, stride_vb,
+                                                                     stride_vh, H, G, S, QB, BLOCK)
+        q_ptrs, q_ok = _row_tile(Q, b, h, rows, S, stride_qb, stride_qh, stride_qs, BLOCK_D, HEAD_DIM)
+        q = tl.load(q_ptrs, mask=q_ok, other=0.0)
         acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
         l_i = tl.zeros([BLOCK], dtype=tl.float32)
         m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
         if HAS_FULL:
             acc, l_i, m_i = _list_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, FIDX + row * FKVB,
-                                        tl.load(FNUM + row), rows, S, qk_scale, BLOCK, BLOCK_D, HEAD_DIM, False,
-                                        DOT_PREC, DOT_T)
+                                        tl.load(FNUM + row), rows, kmax, S, WINDOW, qk_scale, BLOCK, BLOCK_D,
+                                        HEAD_DIM, False, DOT_PREC, DOT_T)
         acc, l_i, m_i = _list_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, IDX + row * KVB,
-                                    tl.load(NUM + row), rows, S, qk_scale, BLOCK, BLOCK_D, HEAD_DIM, True,
-                                    DOT_PREC, DOT_T)
+                                    tl.load(NUM + row), rows, kmax, S, WINDOW, qk_scale, BLOCK, BLOCK_D, HEAD_DIM,
+                                    True, DOT_PREC, DOT_T)
         if HAS_COLS:
             acc, l_i, m_i = _column_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, CIDX + row * NC,
-                                          tl.load(CNUM + row), rows, qk_scale, BLOCK_C, BLOCK_D, HEAD_DIM,
-                                          DOT_PREC, DOT_T)
+                                          tl.load(CNUM + row), rows, kmax, S, WINDOW, qk_scale, BLOCK_C, BLOCK_D,
+                                          HEAD_DIM, DOT_PREC, DOT_T)
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
-        out = acc / l_safe[:, None]
         lse = tl.where(empty, float("inf"), m_i + tl.log2(l_safe))  # +inf: exp2(s - lse) = 0 in the backward
-        tl.store(O + b64 * stride_ob + h64 * stride_oh + rows64[:, None] * stride_os + offs_d[None, :],
-                 out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-        tl.store(LSE + pid_bh.to(tl.int64) * S + rows64, lse, mask=row_ok)
+        o_ptrs, _ = _row_tile(O, b, h, rows, S, stride_ob, stride_oh, stride_os, BLOCK_D, HEAD_DIM)
+        tl.store(o_ptrs, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=q_ok)
+        tl.store(LSE + bh_s + rows, lse, mask=rows < S)
 
     @triton.jit(do_not_specialize=["H", "G", "S", "QB", "KVB", "FKVB", "WINDOW"])
     def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, NUM, IDX, FNUM, FIDX,
@@ -166,46 +133,29 @@ if triton is not None:
                        H, G, S, QB, KVB, FKVB, WINDOW, qk_scale, sm_scale,
                        HAS_FULL: tl.constexpr, DOT_PREC: tl.constexpr, DOT_T: tl.constexpr,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
-        qb = tl.num_programs(0) - 1 - tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // H
-        h = pid_bh % H
-        hk = h // G
-        offs_m = tl.arange(0, BLOCK)
-        offs_d = tl.arange(0, BLOCK_D)
-        rows = qb * BLOCK + offs_m
-        row_ok = rows < S
-        d_ok = offs_d < HEAD_DIM
-        b64 = b.to(tl.int64)
-        h64 = h.to(tl.int64)
-        rows64 = rows.to(tl.int64)
-        mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + rows64[:, None] * stride_qs + offs_d[None, :],
-                    mask=mask, other=0.0)
-        do = tl.load(DO + b64 * stride_dob + h64 * stride_doh + rows64[:, None] * stride_dos + offs_d[None, :],
-                     mask=mask, other=0.0)
-        lse = tl.load(LSE + pid_bh.to(tl.int64) * S + rows64, mask=row_ok, other=float("inf"))
-        delta = tl.load(DELTA + pid_bh.to(tl.int64) * S + rows64, mask=row_ok, other=0.0)
-        k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
-        v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
-        kmax = tl.minimum(rows + 1, S)
-        row = pid_bh.to(tl.int64) * QB + qb
+        b, h, rows, kmax, row, bh_s, k_base, v_base = _query_program(K, V, stride_kb, stride_kh, stride_vb,
+                                                                     stride_vh, H, G, S, QB, BLOCK)
+        q_ptrs, mask = _row_tile(Q, b, h, rows, S, stride_qb, stride_qh, stride_qs, BLOCK_D, HEAD_DIM)
+        do_ptrs, _ = _row_tile(DO, b, h, rows, S, stride_dob, stride_doh, stride_dos, BLOCK_D, HEAD_DIM)
+        q = tl.load(q_ptrs, mask=mask, other=0.0)
+        do = tl.load(do_ptrs, mask=mask, other=0.0)
+        lse = tl.load(LSE + bh_s + rows, mask=rows < S, other=float("inf"))
+        delta = tl.load(DELTA + bh_s + rows, mask=rows < S, other=0.0)
         dq = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
         pdp = tl.zeros([BLOCK], dtype=tl.float32)
         if HAS_FULL:
             for e in range(0, tl.load(FNUM + row)):
                 lo = tl.load(FIDX + row * FKVB + e) * BLOCK
                 dq, pdp = _dq_inner(dq, pdp, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, lo,
-                                       lo + BLOCK, 0, kmax, rows, 0, WINDOW, qk_scale, 1.0, 1.0, BLOCK_N,
-                                       BLOCK_D, HEAD_DIM, False, False, DOT_PREC, DOT_T, False)
+                                    lo + BLOCK, 0, kmax, rows, 0, WINDOW, qk_scale, 1.0, 1.0, BLOCK_N,
+                                    BLOCK_D, HEAD_DIM, False, False, DOT_PREC, DOT_T, False)
         for e in range(0, tl.load(NUM + row)):
             lo = tl.load(IDX + row * KVB + e) * BLOCK
             dq, pdp = _dq_inner(dq, pdp, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, lo,
-                                   tl.minimum(lo + BLOCK, S), 0, kmax, rows, 0, WINDOW, qk_scale, 1.0, 1.0,
-                                   BLOCK_N, BLOCK_D, HEAD_DIM, True, False, DOT_PREC, DOT_T, False)
-        dq = dq * sm_scale
-        tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + rows64[:, None] * stride_dqs + offs_d[None, :],
-                 dq.to(DQ.dtype.element_ty), mask=mask)
+                                tl.minimum(lo + BLOCK, S), 0, kmax, rows, 0, WINDOW, qk_scale, 1.0, 1.0,
+                                BLOCK_N, BLOCK_D, HEAD_DIM, True, False, DOT_PREC, DOT_T, False)
+        dq_ptrs, _ = _row_tile(DQ, b, h, rows, S, stride_dqb, stride_dqh, stride_dqs, BLOCK_D, HEAD_DIM)
+        tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask)
 
     @triton.jit(do_not_specialize=["H", "Hkv", "G", "S", "QB", "KVB", "WINDOW"])
     def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TNUM, TIDX, TFNUM, TFIDX,
@@ -219,18 +169,10 @@ if triton is not None:
         pid_bk = tl.program_id(1)
         b = pid_bk // Hkv
         hk = pid_bk % Hkv
-        offs_n = tl.arange(0, BLOCK)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < HEAD_DIM
-        cols = kb * BLOCK + offs_n
-        key_ok = (cols < S)[:, None] & d_ok[None, :]
+        cols = kb * BLOCK + tl.arange(0, BLOCK)
+        k, v = _load_kv(K, V, b, hk, cols, S, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                        BLOCK_D, HEAD_DIM)
         b64 = b.to(tl.int64)
-        hk64 = hk.to(tl.int64)
-        cols64 = cols.to(tl.int64)
-        k = tl.load(K + b64 * stride_kb + hk64 * stride_kh + cols64[:, None] * stride_ks + offs_d[None, :],
-                    mask=key_ok, other=0.0)
-        v = tl.load(V + b64 * stride_vb + hk64 * stride_vh + cols64[:, None] * stride_vs + offs_d[None, :],
-                    mask=key_ok, other=0.0)
         dk = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
         for g in range(G):
@@ -246,22 +188,19 @@ if triton is not None:
                     hi = tl.minimum(lo + BLOCK, S)
                     if hi - lo == BLOCK:
                         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs,
-                                                stride_dos, 0, lo, hi, cols, 0, S, 0, WINDOW, qk_scale, 1.0,
-                                                1.0, BLOCK_M, BLOCK_D, HEAD_DIM, False, False, DOT_PREC, DOT_T)
+                                             stride_dos, 0, lo, hi, cols, 0, S, 0, WINDOW, qk_scale, 1.0,
+                                             1.0, BLOCK_M, BLOCK_D, HEAD_DIM, False, False, DOT_PREC, DOT_T)
                     else:  # the last, partial query block
                         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs,
-                                                stride_dos, 0, lo, hi, cols, 0, S, 0, WINDOW, qk_scale, 1.0,
-                                                1.0, BLOCK_M, BLOCK_D, HEAD_DIM, True, False, DOT_PREC, DOT_T)
+                                             stride_dos, 0, lo, hi, cols, 0, S, 0, WINDOW, qk_scale, 1.0,
+                                             1.0, BLOCK_M, BLOCK_D, HEAD_DIM, True, False, DOT_PREC, DOT_T)
             for e in range(0, tl.load(TNUM + row)):
                 lo = tl.load(TIDX + row * QB + e) * BLOCK
                 dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-                                        0, lo, tl.minimum(lo + BLOCK, S), cols, 0, S, 0, WINDOW, qk_scale,
-                                        1.0, 1.0, BLOCK_M, BLOCK_D, HEAD_DIM, True, False, DOT_PREC, DOT_T)
-        dk = dk * sm_scale
-        tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + cols64[:, None] * stride_dks + offs_d[None, :],
-                 dk.to(DK.dtype.element_ty), mask=key_ok)
-        tl.store(DV + b64 * stride_dvb + hk64 * stride_dvh + cols64[:, None] * stride_dvs + offs_d[None, :],
-                 dv.to(DV.dtype.element_ty), mask=key_ok)
+                                     0, lo, tl.minimum(lo + BLOCK, S), cols, 0, S, 0, WINDOW, qk_scale,
+                                     1.0, 1.0, BLOCK_M, BLOCK_D, HEAD_DIM, True, False, DOT_PREC, DOT_T)
+        _store_dkdv(DK, DV, dk * sm_scale, dv, b, hk, cols, S, stride_dkb, stride_dkh, stride_dks, stride_dvb,
+                    stride_dvh, stride_dvs, BLOCK_D, HEAD_DIM)
 
 
 def transpose_lists(num: torch.Tensor, indices: torch.Tensor, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,7 +241,7 @@ def _forward(q, k, v, num, idx, fnum, fidx, cnum, cidx, block_size, scale):
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         H, H // Hkv, S, qblocks, idx.shape[-1], fidx.shape[-1] if fidx is not None else 1,
-        cidx.shape[-1] if cidx is not None else 1, qk_scale,
+        cidx.shape[-1] if cidx is not None else 1, _DENSE_WINDOW, qk_scale,
         HAS_FULL=fnum is not None, HAS_COLS=cnum is not None, DOT_PREC=prec[0], DOT_T=prec[1], HEAD_DIM=D,
         BLOCK_D=BLOCK_D, BLOCK=block_size, BLOCK_C=params["cols"], **params["fwd"])
     return out, lse

@@ -214,39 +214,51 @@ if triton is not None:
         return p, m_new, m_use
 
     @triton.jit
-    def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, hi,
+    def _fwd_block(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start, hi,
                    k_lo, kmax, L, SINK, WINDOW, qk_scale, cap_in, cap_out,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
                    MASKED: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, DOT_T: tl.constexpr):
+        """Online-softmax step over the keys [start, start + BLOCK_N): acc [BLOCK_M, BLOCK_D], l_i / m_i
+        [BLOCK_M] updated (log2 units). ``MASKED``: keys at or past ``hi`` read as zeros and the visibility
+        mask of :func:`_visible` applies; otherwise every key of the block is visible to every row."""
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
         k_tile = offs_n[:, None] * stride_kn + offs_d[None, :]
         v_tile = offs_n[:, None] * stride_vn + offs_d[None, :]
+        start64 = tl.cast(start, tl.int64)
+        cols = start + offs_n
+        if MASKED:
+            ld = (cols < hi)[:, None] & d_ok[None, :]
+            k = tl.load(k_base + start64 * stride_kn + k_tile, mask=ld, other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            k = tl.load(k_base + start64 * stride_kn + k_tile, mask=d_ok[None, :], other=0.0)
+        else:
+            k = tl.load(k_base + start64 * stride_kn + k_tile)
+        qk = tl.dot(q.to(DOT_T), tl.trans(k.to(DOT_T)), input_precision=DOT_PREC)
+        p, m_new, m_use = _fwd_probs(qk, m_i, cols, hi, k_lo, kmax, L, SINK, WINDOW, qk_scale, cap_in, cap_out,
+                                     True, MASKED, SOFTCAP)
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(v_base + start64 * stride_vn + v_tile, mask=ld, other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            v = tl.load(v_base + start64 * stride_vn + v_tile, mask=d_ok[None, :], other=0.0)
+        else:
+            v = tl.load(v_base + start64 * stride_vn + v_tile)
+        acc = tl.dot(p.to(v.dtype).to(DOT_T), v.to(DOT_T), acc, input_precision=DOT_PREC)
+        return acc, l_i, m_new
+
+    @triton.jit
+    def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, hi,
+                   k_lo, kmax, L, SINK, WINDOW, qk_scale, cap_in, cap_out,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   MASKED: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, DOT_T: tl.constexpr):
         for start in range(lo, hi, BLOCK_N):
-            start64 = tl.cast(start, tl.int64)
-            cols = start + offs_n
-            if MASKED:
-                ld = (cols < hi)[:, None] & d_ok[None, :]
-                k = tl.load(k_base + start64 * stride_kn + k_tile, mask=ld, other=0.0)
-            elif BLOCK_D != HEAD_DIM:
-                k = tl.load(k_base + start64 * stride_kn + k_tile, mask=d_ok[None, :], other=0.0)
-            else:
-                k = tl.load(k_base + start64 * stride_kn + k_tile)
-            qk = tl.dot(q.to(DOT_T), tl.trans(k.to(DOT_T)), input_precision=DOT_PREC)
-            p, m_new, m_use = _fwd_probs(qk, m_i, cols, hi, k_lo, kmax, L, SINK, WINDOW, qk_scale, cap_in, cap_out,
-                                         True, MASKED, SOFTCAP)
-            alpha = tl.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            if MASKED:
-                v = tl.load(v_base + start64 * stride_vn + v_tile, mask=ld, other=0.0)
-            elif BLOCK_D != HEAD_DIM:
-                v = tl.load(v_base + start64 * stride_vn + v_tile, mask=d_ok[None, :], other=0.0)
-            else:
-                v = tl.load(v_base + start64 * stride_vn + v_tile)
-            acc = tl.dot(p.to(v.dtype).to(DOT_T), v.to(DOT_T), acc, input_precision=DOT_PREC)
-            m_i = m_new
+            acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, start, hi,
+                                       k_lo, kmax, L, SINK, WINDOW, qk_scale, cap_in, cap_out,
+                                       BLOCK_N, BLOCK_D, HEAD_DIM, MASKED, SOFTCAP, DOT_PREC, DOT_T)
         return acc, l_i, m_i
 
     @triton.jit
@@ -702,6 +714,33 @@ if triton is not None:
             dk = tl.dot(dsT.to(q.dtype).to(DOT_T), q.to(DOT_T), dk, input_precision=DOT_PREC)
         return dk, dv
 
+    @triton.jit
+    def _row_tile(P, b, h, rows, hi, stride_b, stride_h, stride_s, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """Pointers [R, BLOCK_D] to the positions ``rows`` [R] (absolute) of batch ``b``, head ``h`` of a
+        (B, heads, S, D) tensor with the given strides, and their mask (rows below ``hi``, columns < HEAD_DIM)."""
+        offs_d = tl.arange(0, BLOCK_D)
+        ok = (rows < hi)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        ptrs = (P + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+                + rows.to(tl.int64)[:, None] * stride_s + offs_d[None, :])
+        return ptrs, ok
+
+    @triton.jit
+    def _load_kv(K, V, b, hk, cols, k_hi, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                 BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """The K and V tiles [BLOCK_N, BLOCK_D] of the keys ``cols`` (zeros at and past ``k_hi``)."""
+        k_ptrs, ok = _row_tile(K, b, hk, cols, k_hi, stride_kb, stride_kh, stride_ks, BLOCK_D, HEAD_DIM)
+        v_ptrs, ok = _row_tile(V, b, hk, cols, k_hi, stride_vb, stride_vh, stride_vs, BLOCK_D, HEAD_DIM)
+        return tl.load(k_ptrs, mask=ok, other=0.0), tl.load(v_ptrs, mask=ok, other=0.0)
+
+    @triton.jit
+    def _store_dkdv(DK, DV, dk, dv, b, hk, cols, k_hi, stride_dkb, stride_dkh, stride_dks, stride_dvb,
+                    stride_dvh, stride_dvs, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """Stores the fp32 tiles dk, dv [BLOCK_N, BLOCK_D] of the keys ``cols`` below ``k_hi`` (output dtype)."""
+        dk_ptrs, ok = _row_tile(DK, b, hk, cols, k_hi, stride_dkb, stride_dkh, stride_dks, BLOCK_D, HEAD_DIM)
+        dv_ptrs, ok = _row_tile(DV, b, hk, cols, k_hi, stride_dvb, stride_dvh, stride_dvs, BLOCK_D, HEAD_DIM)
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=ok)
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=ok)
+
     @triton.jit(do_not_specialize=["H", "Hkv", "G", "Sq", "Skv", "NBLK", "N_SINK_BLK", "SINK", "WINDOW",
                                    "SQ_BUCKET"])
     def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEG, WORK,
@@ -730,18 +769,10 @@ if triton is not None:
         blk, b, hk, q_lo, q_hi, k_lo, k_hi = _program_segment(pid_blk, pid_head, SEG, WORK, Hkv, Sq, Skv, MODE)
         q_off = Skv - Sq
         n0 = k_lo + blk * BLOCK_N
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        d_ok = offs_d < HEAD_DIM
-        cols = n0 + offs_n
-        key_ok = (cols < k_hi)[:, None] & d_ok[None, :]
+        cols = n0 + tl.arange(0, BLOCK_N)
         b64 = b.to(tl.int64)
-        hk64 = hk.to(tl.int64)
-        cols64 = cols.to(tl.int64)
-        k = tl.load(K + b64 * stride_kb + hk64 * stride_kh + cols64[:, None] * stride_ks + offs_d[None, :],
-                    mask=key_ok, other=0.0)
-        v = tl.load(V + b64 * stride_vb + hk64 * stride_vh + cols64[:, None] * stride_vs + offs_d[None, :],
-                    mask=key_ok, other=0.0)
+        k, v = _load_kv(K, V, b, hk, cols, k_hi, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                        BLOCK_D, HEAD_DIM)
 
         # query rows that see this key block
         j_max = tl.minimum(n0 + BLOCK_N, k_hi) - 1
@@ -775,11 +806,8 @@ if triton is not None:
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
                                  q_off, mid_end, r_end, cols, k_lo, k_hi, SINK, WINDOW, qk_scale, cap_in,
                                  cap_out, BLOCK_M, BLOCK_D, HEAD_DIM, True, SOFTCAP, DOT_PREC, DOT_T)
-        dk = dk * sm_scale
-        tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + cols64[:, None] * stride_dks + offs_d[None, :],
-                 dk.to(DK.dtype.element_ty), mask=key_ok)
-        tl.store(DV + b64 * stride_dvb + hk64 * stride_dvh + cols64[:, None] * stride_dvs + offs_d[None, :],
-                 dv.to(DV.dtype.element_ty), mask=key_ok)
+        _store_dkdv(DK, DV, dk * sm_scale, dv, b, hk, cols, k_hi, stride_dkb, stride_dkh, stride_dks, stride_dvb,
+                    stride_dvh, stride_dvs, BLOCK_D, HEAD_DIM)
 
 
 # --------------------------------------------------------------------------------------------

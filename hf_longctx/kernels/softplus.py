@@ -65,7 +65,7 @@ def _interpret() -> bool:
 
 
 if triton is not None:
-    _program_segment = sink_window._program_segment
+    from .sink_window import _load_kv, _program_segment, _store_dkdv
 
     @triton.jit
     def _ipow(x, P: tl.constexpr):
@@ -413,17 +413,10 @@ if triton is not None:
                                                              Sq, Skv, MODE)
         q_off = Skv - Sq
         n0 = k_lo + blk * BLOCK_N
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        cols = n0 + offs_n
-        key_ok = (cols < k_hi)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        cols = n0 + tl.arange(0, BLOCK_N)
         b64 = b.to(tl.int64)
-        hk64 = hk.to(tl.int64)
-        cols64 = cols.to(tl.int64)
-        k = tl.load(K + b64 * stride_kb + hk64 * stride_kh + cols64[:, None] * stride_ks + offs_d[None, :],
-                    mask=key_ok, other=0.0)
-        v = tl.load(V + b64 * stride_vb + hk64 * stride_vh + cols64[:, None] * stride_vs + offs_d[None, :],
-                    mask=key_ok, other=0.0)
+        k, v = _load_kv(K, V, b, hk, cols, k_hi, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                        BLOCK_D, HEAD_DIM)
         # rows that see the block: [r_start, q_hi); masked diagonal rows, then full row blocks, then a masked tail
         r_start = tl.maximum(n0, q_lo)
         r_end = tl.where(n0 < k_hi, tl.maximum(q_hi, r_start), r_start)
@@ -449,10 +442,8 @@ if triton is not None:
             dk, dv = _dkdv_pass(dk, dv, k, v, q_base, do_base, STATS, NQ, stat_base, nq_base, delta_base, plane,
                                 stride_qs, stride_dos, q_off, mid_end, r_end, cols, k_lo, k_hi, REWEIGHT, POWER,
                                 True, BLOCK_M, BLOCK_D, HEAD_DIM, DOT_T, DOT_PREC)
-        tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + cols64[:, None] * stride_dks + offs_d[None, :],
-                 dk.to(DK.dtype.element_ty), mask=key_ok)
-        tl.store(DV + b64 * stride_dvb + hk64 * stride_dvh + cols64[:, None] * stride_dvs + offs_d[None, :],
-                 dv.to(DV.dtype.element_ty), mask=key_ok)
+        _store_dkdv(DK, DV, dk, dv, b, hk, cols, k_hi, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh,
+                    stride_dvs, BLOCK_D, HEAD_DIM)
 
 
 # --------------------------------------------------------------------------------------------
