@@ -18,18 +18,33 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+# The Triton kernel modules of hf_longctx.kernels, by what they compute.
+KERNEL_MODULES = {
+    "sink/window attention": "sink_window",
+    "Self-Extend / dual-chunk attention": "remap",
+    "softplus attention (LSSA / LSSAR)": "softplus",
+    "block-sparse attention": "block_sparse",
+}
+
+
 def kernel_status() -> dict[str, str]:
-    """Which attention paths can run here, with the reason when one cannot."""
+    """Which attention paths can run here, with the reason when one cannot; and whether QLoRA can load."""
+    import importlib
+    import importlib.util
+
     import torch
 
-    status = {"sink/window attention, PyTorch reference (CPU and CUDA)": "usable"}
-    try:
-        import triton  # noqa: F401
-    except ImportError as exc:
-        triton_status = f"unusable: triton cannot be imported ({exc})"
-    else:
-        triton_status = "usable" if torch.cuda.is_available() else "unusable: no CUDA device"
-    status["sink/window attention, Triton kernel"] = triton_status
+    status = {"every attention, PyTorch reference (CPU and CUDA)": "usable"}
+    for name, module in KERNEL_MODULES.items():
+        try:
+            importlib.import_module(f"hf_longctx.kernels.{module}")
+        except ImportError as exc:
+            state = f"unusable: the kernel cannot be imported ({exc})"
+        else:
+            state = "usable" if torch.cuda.is_available() else "unusable: no CUDA device"
+        status[f"{name}, Triton kernel"] = state
+    status["QLoRA (bitsandbytes)"] = ("usable" if importlib.util.find_spec("bitsandbytes")
+                                      else "unusable: install hf-longctx[qlora]")
     return status
 
 

@@ -294,3 +294,15 @@ def test_agreement_command_records_the_target(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--target"):
         args = eval_parser().parse_args(["eval", str(draft), "--task", "ppl", "--target", str(target), "--output", str(output)])
         args.func(args)
+
+
+def test_info_reports_every_kernel_module(monkeypatch):
+    """`hf-longctx info`: each Triton kernel module by name, unusable without CUDA, and whether QLoRA can load."""
+    from hf_longctx import cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    status = cli.kernel_status()
+    kernels = {name: state for name, state in status.items() if name.endswith("Triton kernel")}
+    assert len(kernels) == len(cli.KERNEL_MODULES) == 4
+    assert set(kernels.values()) == {"unusable: no CUDA device"}
+    assert status["QLoRA (bitsandbytes)"] in ("usable", "unusable: install hf-longctx[qlora]")
