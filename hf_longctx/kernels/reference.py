@@ -20,6 +20,29 @@ from __future__ import annotations
 import torch
 
 
+def attention_shapes(
+    query: torch.Tensor, key: torch.Tensor, segment_ids: torch.Tensor | None = None
+) -> tuple[int, int, int, int, int, int]:
+    """(batch, heads, kv_heads, q_len, kv_len, head_dim) of query (B, H, Sq, D) and key (B, H_kv, Skv, D), after
+    the checks every attention here shares: H a multiple of H_kv, Sq <= Skv, and Sq == Skv with packed segments."""
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    if heads % kv_heads:
+        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
+    if q_len > kv_len:
+        raise ValueError(f"query length ({q_len}) exceeds key length ({kv_len})")
+    if segment_ids is not None and q_len != kv_len:
+        raise ValueError("segment_ids (packed sequences) need query length == key length")
+    return batch, heads, kv_heads, q_len, kv_len, head_dim
+
+
+def normalised(acc: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The end of an online softmax: (acc / row_sum, natural-log LSE), with zeros and -inf for rows that saw no key.
+    acc: (..., D) float32; row_max, row_sum: (...) float32."""
+    denom = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    return acc / denom[..., None], torch.where(row_sum > 0, row_max + denom.log(), float("-inf"))
+
+
 def logical_positions(
     batch_size: int,
     kv_length: int,
@@ -86,14 +109,7 @@ def sink_window_attention(
         (B, H, Sq, D) in ``query.dtype``; with ``return_lse``, also (B, H, Sq) float32 natural-log LSE,
         -inf for a row that sees no key.
     """
-    batch, heads, q_len, head_dim = query.shape
-    kv_heads, kv_len = key.shape[1], key.shape[2]
-    if heads % kv_heads:
-        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
-    if q_len > kv_len:
-        raise ValueError(f"query length ({q_len}) exceeds key length ({kv_len})")
-    if segment_ids is not None and q_len != kv_len:
-        raise ValueError("segment_ids (packed sequences) need query length == key length")
+    batch, heads, kv_heads, q_len, kv_len, head_dim = attention_shapes(query, key, segment_ids)
     groups = heads // kv_heads
     scale = head_dim**-0.5 if scale is None else scale
     device = query.device
@@ -161,9 +177,9 @@ def sink_window_attention(
             acc = acc * rescale[..., None] + pv
             row_max = new_max
 
-        denom = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
-        outputs.append((acc / denom[..., None]).reshape(batch, heads, chunk, head_dim))
-        lses.append(torch.where(row_sum > 0, row_max + denom.log(), float("-inf")).reshape(batch, heads, chunk))
+        out_chunk, lse_chunk = normalised(acc, row_max, row_sum)
+        outputs.append(out_chunk.reshape(batch, heads, chunk, head_dim))
+        lses.append(lse_chunk.reshape(batch, heads, chunk))
     out = torch.cat(outputs, dim=2).to(query.dtype)
     return (out, torch.cat(lses, dim=2)) if return_lse else out
 

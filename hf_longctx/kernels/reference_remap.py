@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .reference import logical_positions
+from .reference import attention_shapes, logical_positions
 
 SCHEMES = ("self_extend", "dual_chunk")
 
@@ -118,14 +118,7 @@ def remap_attention(
     Returns:
         (B, H, Sq, D) in ``query.dtype``.
     """
-    batch, heads, q_len, head_dim = query.shape
-    kv_heads, kv_len = key.shape[1], key.shape[2]
-    if heads % kv_heads:
-        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
-    if q_len > kv_len:
-        raise ValueError(f"query length ({q_len}) exceeds key length ({kv_len})")
-    if segment_ids is not None and q_len != kv_len:
-        raise ValueError("segment_ids (packed sequences) need query length == key length")
+    batch, heads, kv_heads, q_len, kv_len, head_dim = attention_shapes(query, key, segment_ids)
     if 2 * inv_freq.shape[0] > head_dim:
         raise ValueError(f"inv_freq has {inv_freq.shape[0]} frequencies, more than head_dim / 2 = {head_dim // 2}")
     groups = heads // kv_heads

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from .reference import logical_positions
+from .reference import attention_shapes, logical_positions
 
 # Score elements (B x H x chunk x Skv) materialised at once: bounds the query chunk.
 _CHUNK_ELEMENTS = 1 << 24
@@ -85,14 +85,7 @@ def softplus_attention(
     Returns:
         (B, H, Sq, D) in ``query.dtype``.
     """
-    batch, heads, q_len, head_dim = query.shape
-    kv_heads, kv_len = key.shape[1], key.shape[2]
-    if heads % kv_heads:
-        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
-    if q_len > kv_len:
-        raise ValueError(f"query length ({q_len}) exceeds key length ({kv_len})")
-    if segment_ids is not None and q_len != kv_len:
-        raise ValueError("segment_ids (packed sequences) need query length == key length")
+    batch, heads, kv_heads, q_len, kv_len, head_dim = attention_shapes(query, key, segment_ids)
     if isinstance(power, bool) or not isinstance(power, int) or power < 1:
         raise ValueError(f"power must be an integer >= 1, got {power!r}")
     groups = heads // kv_heads

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from .reference import normalised
+
 
 def block_mask_from_lists(num: torch.Tensor, indices: torch.Tensor, kv_blocks: int) -> torch.Tensor:
     """(B, H, Qb, kv_blocks) bool: True where a block is among the first ``num`` entries of ``indices``.
@@ -177,8 +179,8 @@ def block_sparse_attention(
             row_sum = row_sum * rescale + probs.sum(dim=-1)
             acc = acc * rescale[..., None] + torch.matmul(probs, v_blk)
             row_max = new_max
-        denom = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
-        outputs.append((acc / denom[..., None]).reshape(batch, heads, chunk, head_dim))
-        lses.append(torch.where(row_sum > 0, row_max + denom.log(), float("-inf")).reshape(batch, heads, chunk))
+        out_chunk, lse_chunk = normalised(acc, row_max, row_sum)
+        outputs.append(out_chunk.reshape(batch, heads, chunk, head_dim))
+        lses.append(lse_chunk.reshape(batch, heads, chunk))
     out = torch.cat(outputs, dim=2).to(query.dtype)
     return (out, torch.cat(lses, dim=2)) if return_lse else out

@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from .reference import logical_positions
+from .reference import attention_shapes, logical_positions
 from .reference_remap import RemapScheme
 
 try:  # triton is optional at import time (CPU-only installs)
@@ -190,14 +190,7 @@ def remap_attention_triton(
     """Triton version of ``reference_remap.remap_attention`` (same arguments and result, forward only)."""
     if triton is None:
         raise ImportError("triton is not installed")
-    batch, heads, q_len, head_dim = query.shape
-    kv_heads, kv_len = key.shape[1], key.shape[2]
-    if heads % kv_heads:
-        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
-    if q_len > kv_len:
-        raise ValueError(f"query length ({q_len}) exceeds key length ({kv_len})")
-    if segment_ids is not None and q_len != kv_len:
-        raise ValueError("segment_ids (packed sequences) need query length == key length")
+    batch, heads, kv_heads, q_len, kv_len, head_dim = attention_shapes(query, key, segment_ids)
     half = inv_freq.shape[0]
     if 2 * half > head_dim:
         raise ValueError(f"inv_freq has {half} frequencies, more than head_dim / 2 = {head_dim // 2}")
