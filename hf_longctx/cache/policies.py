@@ -144,7 +144,19 @@ class TOVA(EvictionPolicy):
         return scores
 
 
-class KVCrush(EvictionPolicy):
+class _OnTopOfPolicy(EvictionPolicy):
+    """A policy that builds on a ``base`` policy: the base sees the attention and keeps its scores."""
+
+    def __init__(self, feature: KVEviction, base: EvictionPolicy):
+        super().__init__(feature, base.budget_scale)
+        self.base = base
+        self.uses_attention = base.uses_attention
+
+    def observe(self, scores, query, key, valid, scale, softcap, decoding=False):
+        self.base.observe(scores, query, key, valid, scale, softcap, decoding)
+
+
+class KVCrush(_OnTopOfPolicy):
     """KVCrush on top of a ``base`` policy.
 
     The base policy's priorities (averaged over heads) fill the budget except ``representatives`` of
@@ -154,14 +166,6 @@ class KVCrush(EvictionPolicy):
     position) and cut into ``representatives`` equal buckets; the first token of each bucket is kept,
     so the kept tokens also cover the attention patterns the base policy would drop entirely.
     """
-
-    def __init__(self, feature: KVEviction, base: EvictionPolicy):
-        super().__init__(feature, base.budget_scale)
-        self.base = base
-        self.uses_attention = base.uses_attention
-
-    def observe(self, scores, query, key, valid, scale, softcap, decoding=False):
-        self.base.observe(scores, query, key, valid, scale, softcap, decoding)
 
     def select(self, scores, valid, target):
         kv_heads, slots = scores.shape[1], scores.shape[2]
@@ -185,7 +189,7 @@ class KVCrush(EvictionPolicy):
         return final.topk(target, dim=-1).indices[:, None].expand(-1, kv_heads, -1)
 
 
-class ThinK(EvictionPolicy):
+class ThinK(_OnTopOfPolicy):
     """ThinK: the ``base`` policy's tokens, and fewer key channels.
 
     At the first prefill each key/value head keeps the ``channels`` fraction of its key channels with
@@ -193,14 +197,6 @@ class ThinK(EvictionPolicy):
     (the head's query group) times its norm over the stored real keys. Queries keep every channel;
     the pruned ones contribute nothing to q.k.
     """
-
-    def __init__(self, feature: KVEviction, base: EvictionPolicy):
-        super().__init__(feature, base.budget_scale)
-        self.base = base
-        self.uses_attention = base.uses_attention
-
-    def observe(self, scores, query, key, valid, scale, softcap, decoding=False):
-        self.base.observe(scores, query, key, valid, scale, softcap, decoding)
 
     def select(self, scores, valid, target):
         return self.base.select(scores, valid, target)
