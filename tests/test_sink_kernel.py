@@ -244,6 +244,9 @@ def test_padding_s_aux():
 def test_packed_segments():
     seg = torch.tensor([[0] * 10 + [1] * 25 + [2] * 2 + [3] * 8, [5] * 45])
     _run_case(2, 2, 1, 45, 45, 32, 3, 9, {}, segment_ids=seg)
+    # more blocks (3 + 2 + 2 of 16 rows) than one row's count plus one per segment (3 + 3): bounded per batch row
+    seg = torch.tensor([[0] * 45, [0] * 20 + [1] * 25])
+    _run_case(2, 2, 1, 45, 45, 32, 3, 9, {}, segment_ids=seg)
 
 
 def test_packed_segments_with_padding():

@@ -71,6 +71,16 @@ def test_padding_and_packed_sequences(reweight):
     assert_match(got, expected, 1e-4)
 
 
+@pytest.mark.parametrize("reweight", [False, True])
+def test_packed_rows_need_more_blocks_than_one_row(reweight):
+    """Segments of two rows span more query blocks (3 + 2 + 2 at 16 rows a block) than one row's count plus one
+    per segment (3 + 3): the work table is bounded per batch row (it was not: blocks were left unwritten)."""
+    q, k, v = inputs(2, 4, 2, 45, 45, 32, seed=3)
+    segments = torch.tensor([[0] * 45, [0] * 20 + [1] * 25])
+    got, expected = run_both(q, k, v, reweight=reweight, segment_ids=segments)
+    assert_match(got, expected, 1e-4)
+
+
 def test_power_one_and_uniform_rows():
     q, k, v = inputs(1, 2, 1, 19, 19, 32, seed=2)
     got, expected = run_both(q, k, v, reweight=True, power=1)
@@ -240,7 +250,9 @@ def test_cuda_padding_and_packing(first_config_only):
 
 @pytest.mark.cuda
 def test_cuda_every_config(monkeypatch):
-    """Each autotuning config of each kernel, run alone (the autotuner may pick any of them), LSSA and LSSAR."""
+    """Each autotuning config of each kernel, run alone (the autotuner may pick any of them), LSSA and LSSAR, under
+    the bf16 rule (LSSAR's power 15 amplifies rounding: a fixed 3% bar failed config 1 at 4% while the same-dtype
+    PyTorch computation was off by 4.7% on a like shape)."""
     q, k, v = inputs(1, 4, 2, 600, 600, 128, dtype=torch.bfloat16, device="cuda", seed=6)
     spaces = {kind: sp._configs(kind, 128) for kind in ("fwd", "dq", "dkdv")}
     for kind, space in spaces.items():
@@ -251,8 +263,7 @@ def test_cuda_every_config(monkeypatch):
             monkeypatch.setattr(sp, "_configs", lambda key, d, configs=configs: configs[key])
             for reweight in (False, True):
                 got, exact = run_vs_fp32(q, k, v, reweight=reweight)
-                for name, a, e in zip(("out", "dq", "dk", "dv"), got, exact):
-                    err = (a.float() - e).abs().max().item()
-                    scale = e.abs().max().item()
-                    print(f"{kind} config {index} reweight={reweight} {name}: max error {err:.3e}, scale {scale:.3e}")
-                    assert err <= 3e-2 * max(scale, 1e-3), (kind, index, reweight, name)
+                grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(q.device, q.dtype)
+                base = out_and_grads(lambda *t: eager_softplus(*t, reweight), q, k, v, grad)
+                for name, a, b, e in zip(("out", "dq", "dk", "dv"), got, base, exact):
+                    _check_2x(f"{kind} config {index} reweight={reweight} {name}", a, b, e.detach())

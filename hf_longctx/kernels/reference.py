@@ -122,6 +122,9 @@ def sink_window_attention(
     )
     segments = segment_ids.to(device) if segment_ids is not None else None
     q_offset = kv_len - q_len
+    # Skipping invisible key blocks reads the positions on the host: not while a CUDA graph is being captured
+    # (graph-decoded steps of float32 or soft-capped models run here), where it would break the capture.
+    skip_blocks = window is not None and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
     # (B, H_kv, G, Sq, D): the G query heads of one key/value head side by side.
     q_grouped = query.reshape(batch, kv_heads, groups, q_len, head_dim)
@@ -147,7 +150,7 @@ def sink_window_attention(
         for k_start in range(0, last_key, key_chunk):
             k_stop = min(k_start + key_chunk, last_key)
             k_pos = positions[:, k_start:k_stop]
-            if window is not None and not _block_may_be_visible(q_pos, k_pos, sink_tokens, window):
+            if skip_blocks and not _block_may_be_visible(q_pos, k_pos, sink_tokens, window):
                 continue
             mask = valid[:, None, k_start:k_stop] & (
                 torch.arange(k_start, k_stop, device=device)[None, None, :] <= abs_q[None, :, None]

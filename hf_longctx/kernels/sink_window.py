@@ -951,15 +951,17 @@ def segment_table(segment_ids: torch.Tensor, kv_valid: torch.Tensor | None = Non
     return torch.stack([b, q_lo, q_hi, k_lo, k_hi], dim=1).to(torch.int32).contiguous()
 
 
-def _work_table(segs: torch.Tensor, lo_col: int, hi_col: int, block: int, length: int) -> torch.Tensor:
+def _work_table(segs: torch.Tensor, lo_col: int, hi_col: int, block: int, length: int, batch: int) -> torch.Tensor:
     """(P, 2) int32 (segment or -1, block index) for blocks of ``block`` over each segment's
-    [lo_col, hi_col) range; P = ceil(length / block) + n_seg is an upper bound (no host sync)."""
+    [lo_col, hi_col) range. The segments of ``batch`` rows of ``length`` positions need at most
+    P = batch * ceil(length / block) + n_seg blocks (each segment wastes less than one): known without a host
+    sync."""
     n_seg = segs.shape[0]
     dev = segs.device
     lens = (segs[:, hi_col] - segs[:, lo_col]).clamp_min(0).to(torch.int64)
     nblk = (lens + block - 1) // block
     cum = torch.cumsum(nblk, 0)
-    P = triton.cdiv(length, block) + n_seg
+    P = batch * triton.cdiv(length, block) + n_seg
     p = torch.arange(P, device=dev)
     s = torch.searchsorted(cum, p, right=True)
     live = s < n_seg
@@ -1116,7 +1118,7 @@ def _forward(q, k, v, s_aux, seg, mode, sink, window, scale, softcap):
     flags["GROUPED"] = flags["GROUPED"] and mode != 2
     flags["TMA"] = flags["TMA"] and _tma_ready(k, v)
     if mode == 2:
-        work = _work_table(seg, 1, 2, bm, Sq)
+        work = _work_table(seg, 1, 2, bm, Sq, B)
         grid = (work.shape[0], H)
     else:
         work = _dummy(q)
@@ -1165,7 +1167,7 @@ def _backward(do, q, k, v, o, lse, s_aux, seg, mode, sink, window, scale, softca
 
     bm = blocks["dq_m"]
     if mode == 2:
-        work = _work_table(seg, 1, 2, bm, Sq)
+        work = _work_table(seg, 1, 2, bm, Sq, B)
         grid = (work.shape[0], H)
     else:
         work = _dummy(q)
@@ -1180,7 +1182,7 @@ def _backward(do, q, k, v, o, lse, s_aux, seg, mode, sink, window, scale, softca
     bn = blocks["dkdv_n"]
     nblk = triton.cdiv(Skv, bn)
     if mode == 2:
-        work = _work_table(seg, 3, 4, bn, Skv)
+        work = _work_table(seg, 3, 4, bn, Skv, B)
         grid = (Hkv, work.shape[0])
     else:
         work = _dummy(q)

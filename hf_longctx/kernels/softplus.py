@@ -506,7 +506,7 @@ def _grid(kind: str, seg, mode: int, length: int, rows: int, head_dim_p: int, q:
     block = _outer(kind, head_dim_p)
     if mode == 2:
         cols = (3, 4) if kind == "dkdv" else (1, 2)
-        work = sink_window._work_table(seg, cols[0], cols[1], block, length)
+        work = sink_window._work_table(seg, cols[0], cols[1], block, length, q.shape[0])
         return (work.shape[0], rows), work
     return (triton.cdiv(length, block), rows), sink_window._dummy(q)
 
