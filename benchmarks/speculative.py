@@ -3,8 +3,9 @@
     PYTHONPATH=. python benchmarks/speculative.py --out OUT [--quick] [--parts pair,lengths,draft,cost]
 
 Parts (each runs on its own: a failure is logged and the next part runs):
-- ``pair``: the reference target ``model_cards/longctx-target-20m`` (RoPE ``dynamic_yarn:32`` for 32K, the best
-  perplexity at long lengths in benchmarks/results/rope_quality.md) on held-out text (``hf_longctx.eval.corpus``
+- ``pair``: the reference target ``model_cards/longctx-target-20m`` (RoPE ``yarn:32`` for 32K: static
+  frequencies, since the dynamic types, best in benchmarks/results/rope_quality.md, update them on the host at
+  every step, which CUDA graphs cannot replay) on held-out text (``hf_longctx.eval.corpus``
   validation split), 8K and 32K, batch 1 and 32, temperature 0 and 0.8: self-speculation against plain
   decoding with the SAME ``LongCtxCache`` and attention (``longctx_kv``), so the cache's own speed is not
   credited to speculation. CUDA graphs on both sides (``--graphs``, the default): plain decoding is
@@ -46,7 +47,7 @@ from hf_longctx.cache import LongCtxCache  # noqa: E402
 from hf_longctx.speculative.forward import forward_unseen  # noqa: E402
 
 CARDS = ROOT / "model_cards"
-ROPE = "dynamic_yarn:32"
+ROPE = "yarn:32"
 FIELDS = ["time", "device", "torch", "triton", "transformers", "part", "context", "batch", "temperature", "method",
           "tokens_per_s", "ms_per_token", "mean_accepted", "speedup", "note", "graphs"]
 

@@ -198,6 +198,12 @@ def test_graph_decoder_refuses_what_it_cannot_run():
     with pytest.raises(ValueError, match="output_scores"):
         model.generate(ids, max_new_tokens=4, custom_generate=lc.graph_generate, output_scores=True,
                        return_dict_in_generate=True)
+    for rope in ("dynamic:4", "dynamic_yarn:4"):  # frequencies updated on the host from each step's length
+        model = tiny_model("llama")
+        lc.patch(model, rope=rope)
+        model.set_attn_implementation(kv_attention.KV_ATTENTION_NAME)
+        with pytest.raises(ValueError, match=rope.split(":")[0]):
+            GraphDecoder(model, lc.LongCtxCache(model, cuda_graphs=True))
 
 
 def test_graph_generate_builds_its_cache_in_place_of_generates_default():

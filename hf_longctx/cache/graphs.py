@@ -45,6 +45,17 @@ from .layers import LongCtxLayer
 _UNSUPPORTED_OUTPUTS = ("output_scores", "output_logits", "output_attentions", "output_hidden_states")
 
 
+def _host_updated_rope(model: PreTrainedModel) -> str | None:
+    """The RoPE type of ``model`` whose frequencies transformers updates per step from the sequence length (a
+    host-side comparison: any type with "dynamic" in its name, and "longrope"), or None."""
+    for module in model.modules():
+        types = getattr(module, "rope_type", None)
+        for rope_type in (types.values() if isinstance(types, dict) else [types]):
+            if isinstance(rope_type, str) and ("dynamic" in rope_type or rope_type == "longrope"):
+                return rope_type
+    return None
+
+
 class GraphDecoder:
     """One-token decoding steps of ``model`` over ``cache``, replayed as one CUDA graph where they can be.
 
@@ -54,7 +65,8 @@ class GraphDecoder:
             (``LongCtxCache(..., cuda_graphs=True)`` makes sliding-window layers so).
         graphs: capture and replay on CUDA; False (or a CPU model) runs every step eagerly.
     Raises:
-        ValueError: another attention implementation, or a cache layer that is not a ``LongCtxLayer``.
+        ValueError: another attention implementation, a cache layer that is not a ``LongCtxLayer``, or (with
+            ``graphs``) a RoPE type updated on the host at every step (dynamic types, longrope).
     """
 
     def __init__(self, model: PreTrainedModel, cache: LongCtxCache, graphs: bool = True):
@@ -70,6 +82,14 @@ class GraphDecoder:
             kinds = sorted({type(layer).__name__ for layer in cache.layers if not isinstance(layer, LongCtxLayer)})
             raise ValueError(f"GraphDecoder: every cache layer must be a LongCtxLayer, got {kinds}; build the cache "
                              "with LongCtxCache(model, ..., cuda_graphs=True)")
+        if graphs:
+            host_rope = _host_updated_rope(model)
+            if host_rope is not None:
+                raise ValueError(
+                    f"GraphDecoder: RoPE type {host_rope!r} recomputes its frequencies on the host from each step's "
+                    "length (transformers' dynamic / longrope update), which a CUDA graph cannot replay; use a static "
+                    "type (linear, ntk, yarn, llama3, ...) or cuda_graphs=False"
+                )
         self.model, self.cache = model, cache
         self.device = self.layers[0].device
         self.graphs = graphs and self.device.type == "cuda"

@@ -125,6 +125,162 @@ if triton is not None:
         tl.store(o_ptrs, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=q_ok)
         tl.store(LSE + bh_s + rows, lse, mask=rows < S)
 
+    # ---------------------------------------------------------------------------------- forward variants
+    # Alternative forward schedules (FWD_VARIANTS, benchmarks/sparse_variants.py, NOTES-sparse.md). Same
+    # contract and results as _fwd_kernel; "default" keeps using _fwd_kernel.
+    @triton.jit
+    def _variant_program(K, V, stride_kb, stride_kh, stride_vb, stride_vh, H, G, S, QB, BLOCK: tl.constexpr,
+                         GROUPED: tl.constexpr):
+        """:func:`_query_program` for the variant kernel. ``GROUPED``: grid (query blocks * G, B * H_kv), the G
+        query heads of a KV head run side by side (they share K/V blocks in L2), last query blocks first;
+        otherwise grid (query blocks, B * H) as the default."""
+        if GROUPED:
+            qb = tl.num_programs(0) // G - 1 - tl.program_id(0) // G
+            bk = tl.program_id(1).to(tl.int64)
+            hkv = H // G
+            b = bk // hkv
+            h = (bk % hkv) * G + tl.program_id(0) % G
+            bh = b * H + h
+        else:
+            qb = tl.num_programs(0) - 1 - tl.program_id(0)
+            bh = tl.program_id(1).to(tl.int64)
+            b = bh // H
+            h = bh % H
+        rows = qb * BLOCK + tl.arange(0, BLOCK)
+        k_base = K + b * stride_kb + (h // G) * stride_kh
+        v_base = V + b * stride_vb + (h // G) * stride_vh
+        return b, h, rows, tl.minimum(rows + 1, S), bh * QB + qb, bh * S, k_base, v_base
+
+    @triton.jit
+    def _kv_tile(base, desc, start, stride, hi, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):
+        """Rows [start, start + BLOCK_N) of a K or V head as a [BLOCK_N, BLOCK_D] tile. ``TMA``: one bulk copy
+        through the tensor descriptor ``desc`` (rows past the tensor, columns past HEAD_DIM read as zeros);
+        otherwise pointer loads (``MASKED``: rows at or past ``hi`` read as zeros)."""
+        if TMA:
+            t = desc.load([start, 0])
+        else:
+            offs_n = tl.arange(0, BLOCK_N)
+            offs_d = tl.arange(0, BLOCK_D)
+            ptrs = base + tl.cast(start, tl.int64) * stride + (offs_n[:, None] * stride + offs_d[None, :])
+            if MASKED:
+                t = tl.load(ptrs, mask=((start + offs_n) < hi)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+            elif BLOCK_D != HEAD_DIM:
+                t = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+            else:
+                t = tl.load(ptrs)
+        return t
+
+    @triton.jit
+    def _softmax_pv(acc, l_i, m_i, qk, v, cols, kmax, rows, Skv, WINDOW, qk_scale, MASKED: tl.constexpr,
+                    DOT_PREC: tl.constexpr, DOT_T: tl.constexpr):
+        """The online-softmax update of one key block from its scores ``qk`` and values ``v`` (log2 units)."""
+        p, m_new, m_use = _fwd_probs(qk, m_i, cols, Skv, 0, kmax, rows, 0, WINDOW, qk_scale, 1.0, 1.0, True, MASKED,
+                                     False)
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype).to(DOT_T), v.to(DOT_T), acc * alpha[:, None], input_precision=DOT_PREC)
+        return acc, l_i, m_new
+
+    @triton.jit
+    def _list_prefetch(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_ks, stride_vs, idx_ptr, n, rows,
+                       kmax, Skv, WINDOW, qk_scale, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr, DOT_T: tl.constexpr,
+                       TMA: tl.constexpr):
+        """The ``n`` key blocks listed at ``idx_ptr``, the NEXT block index loaded one iteration ahead and
+        carried: the K/V addresses of an iteration no longer depend on a load of the same iteration, so the
+        software pipeliner treats the gathered loads as direct ones and issues them num_stages - 1 blocks ahead
+        (the default loop's in-iteration index load makes them indirect: (num_stages - 1) // 2 blocks ahead,
+        one block at num_stages 2 or 3)."""
+        offs_n = tl.arange(0, BLOCK_N)
+        nxt = tl.load(idx_ptr, mask=n > 0, other=0)
+        for e in range(0, n):
+            start = nxt * BLOCK_N
+            nxt = tl.load(idx_ptr + e + 1, mask=e + 1 < n, other=0)
+            k = _kv_tile(k_base, k_desc, start, stride_ks, Skv, BLOCK_N, BLOCK_D, HEAD_DIM, MASKED, TMA)
+            qk = tl.dot(q.to(DOT_T), tl.trans(k.to(DOT_T)), input_precision=DOT_PREC)
+            v = _kv_tile(v_base, v_desc, start, stride_vs, Skv, BLOCK_N, BLOCK_D, HEAD_DIM, MASKED, TMA)
+            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, v, start + offs_n, kmax, rows, Skv, WINDOW, qk_scale,
+                                        MASKED, DOT_PREC, DOT_T)
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _list_overlap(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_ks, stride_vs, idx_ptr, n, rows,
+                      kmax, Skv, WINDOW, qk_scale, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr, DOT_T: tl.constexpr, TMA: tl.constexpr):
+        """Mask-free list with the scores of block e + 1 (Q K^T, an asynchronous wgmma on Hopper) issued before
+        the softmax of block e, so the tensor cores work while the softmax runs (FA3's intra-warpgroup
+        overlap, written as a loop-carried score tile). Index prefetch as :func:`_list_prefetch`."""
+        offs_n = tl.arange(0, BLOCK_N)
+        start = tl.load(idx_ptr, mask=n > 0, other=0) * BLOCK_N
+        nxt = tl.load(idx_ptr + 1, mask=n > 1, other=0)
+        k = _kv_tile(k_base, k_desc, start, stride_ks, Skv, BLOCK_N, BLOCK_D, HEAD_DIM, False, TMA)
+        qk = tl.dot(q.to(DOT_T), tl.trans(k.to(DOT_T)), input_precision=DOT_PREC)
+        for e in range(0, n - 1):
+            start_n = nxt * BLOCK_N
+            nxt = tl.load(idx_ptr + e + 2, mask=e + 2 < n, other=0)
+            k_n = _kv_tile(k_base, k_desc, start_n, stride_ks, Skv, BLOCK_N, BLOCK_D, HEAD_DIM, False, TMA)
+            qk_n = tl.dot(q.to(DOT_T), tl.trans(k_n.to(DOT_T)), input_precision=DOT_PREC)
+            v = _kv_tile(v_base, v_desc, start, stride_vs, Skv, BLOCK_N, BLOCK_D, HEAD_DIM, False, TMA)
+            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, v, start + offs_n, kmax, rows, Skv, WINDOW, qk_scale,
+                                        False, DOT_PREC, DOT_T)
+            qk = qk_n
+            start = start_n
+        if n > 0:
+            v = _kv_tile(v_base, v_desc, start, stride_vs, Skv, BLOCK_N, BLOCK_D, HEAD_DIM, False, TMA)
+            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, v, start + offs_n, kmax, rows, Skv, WINDOW, qk_scale,
+                                        False, DOT_PREC, DOT_T)
+        return acc, l_i, m_i
+
+    @triton.jit(do_not_specialize=["H", "G", "S", "QB", "KVB", "FKVB", "NC", "WINDOW"])
+    def _fwd_variant_kernel(Q, K, V, O, LSE, NUM, IDX, FNUM, FIDX, CNUM, CIDX,
+                            stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+                            stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
+                            H, G, S, QB, KVB, FKVB, NC, WINDOW, qk_scale,
+                            HAS_FULL: tl.constexpr, HAS_COLS: tl.constexpr, DOT_PREC: tl.constexpr,
+                            DOT_T: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+                            BLOCK_C: tl.constexpr, GROUPED: tl.constexpr, TMA: tl.constexpr,
+                            OVERLAP: tl.constexpr):
+        """:func:`_fwd_kernel` with the lists run by :func:`_list_prefetch` (or :func:`_list_overlap` for the
+        mask-free list), optionally TMA loads and the GQA-grouped grid."""
+        b, h, rows, kmax, row, bh_s, k_base, v_base = _variant_program(K, V, stride_kb, stride_kh, stride_vb,
+                                                                       stride_vh, H, G, S, QB, BLOCK, GROUPED)
+        q_ptrs, q_ok = _row_tile(Q, b, h, rows, S, stride_qb, stride_qh, stride_qs, BLOCK_D, HEAD_DIM)
+        q = tl.load(q_ptrs, mask=q_ok, other=0.0)
+        k_desc = None
+        v_desc = None
+        if TMA:
+            k_desc = tl.make_tensor_descriptor(k_base, shape=[S, HEAD_DIM], strides=[stride_ks, 1],
+                                               block_shape=[BLOCK, BLOCK_D])
+            v_desc = tl.make_tensor_descriptor(v_base, shape=[S, HEAD_DIM], strides=[stride_vs, 1],
+                                               block_shape=[BLOCK, BLOCK_D])
+        acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+        l_i = tl.zeros([BLOCK], dtype=tl.float32)
+        m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+        if HAS_FULL:
+            if OVERLAP:
+                acc, l_i, m_i = _list_overlap(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_ks,
+                                              stride_vs, FIDX + row * FKVB, tl.load(FNUM + row), rows, kmax, S,
+                                              WINDOW, qk_scale, BLOCK, BLOCK_D, HEAD_DIM, DOT_PREC, DOT_T, TMA)
+            else:
+                acc, l_i, m_i = _list_prefetch(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_ks,
+                                               stride_vs, FIDX + row * FKVB, tl.load(FNUM + row), rows, kmax, S,
+                                               WINDOW, qk_scale, BLOCK, BLOCK_D, HEAD_DIM, False, DOT_PREC, DOT_T,
+                                               TMA)
+        acc, l_i, m_i = _list_prefetch(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_ks, stride_vs,
+                                       IDX + row * KVB, tl.load(NUM + row), rows, kmax, S, WINDOW, qk_scale, BLOCK,
+                                       BLOCK_D, HEAD_DIM, True, DOT_PREC, DOT_T, TMA)
+        if HAS_COLS:
+            acc, l_i, m_i = _column_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, CIDX + row * NC,
+                                          tl.load(CNUM + row), rows, kmax, S, WINDOW, qk_scale, BLOCK_C, BLOCK_D,
+                                          HEAD_DIM, DOT_PREC, DOT_T)
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        lse = tl.where(empty, float("inf"), m_i + tl.log2(l_safe))
+        o_ptrs, _ = _row_tile(O, b, h, rows, S, stride_ob, stride_oh, stride_os, BLOCK_D, HEAD_DIM)
+        tl.store(o_ptrs, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=q_ok)
+        tl.store(LSE + bh_s + rows, lse, mask=rows < S)
+
     @triton.jit(do_not_specialize=["H", "G", "S", "QB", "KVB", "FKVB", "WINDOW"])
     def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, NUM, IDX, FNUM, FIDX,
                        stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
