@@ -61,7 +61,10 @@ def versions() -> dict:
 
 
 class Recorder:
-    """Appends CSV rows and keeps the markdown rows, rewritten after each measurement."""
+    """Appends CSV rows and rewrites the markdown after each measurement, from every row of the CSV (so runs of
+    separate parts into one --out make one table)."""
+
+    NUMERIC = ("tokens_per_s", "ms_per_token", "mean_accepted", "speedup")
 
     def __init__(self, out: Path, info: dict):
         self.out, self.info, self.rows = out, info, []
@@ -70,6 +73,9 @@ class Recorder:
         if not self.csv.exists():
             with open(self.csv, "w", newline="") as f:
                 csv.writer(f).writerow(FIELDS)
+        with open(self.csv, newline="") as f:
+            for row in csv.DictReader(f):
+                self.rows.append({k: float(v) if k in self.NUMERIC and v else v for k, v in row.items()})
 
     def add(self, **row) -> None:
         row = {**self.info, "time": _dt.datetime.now().isoformat(timespec="seconds"), **row}
