@@ -74,6 +74,44 @@ def test_columns_have_no_backward_and_bad_input():
         bsp.block_sparse_attention_triton(q, k, v, index.kv_num_blocks, index.kv_indices, block_size=24)
 
 
+# Forward schedules (bsp.FWD_VARIANTS): each must give the reference's output and LSE. The backward does not depend
+# on the variant (it reads the forward's output and LSE, checked here and once through autograd below).
+VARIANTS = sorted(set(bsp.FWD_VARIANTS) - {"default"})
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_variants(variant):
+    """Block lists with columns (B=2, GQA: grouped grid across batch rows), D=48 (padded tile: TMA's columns past
+    the head dim), G=1, empty rows; then estimator lists (partial width 1) through forward and backward."""
+    for B, H, Hkv, S, D, cols in [(2, 4, 2, 70, 32, True), (1, 3, 3, 40, 48, False)]:
+        q, k, v = (t.detach() for t in inputs(B, H, Hkv, S, D, seed=S))
+        sel, _ = random_selection(B, H, S, 16, seed=S, columns=cols)
+        num, idx = sel.pop("kv_num_blocks"), sel.pop("kv_indices")
+        ref, ref_lse = rs.block_sparse_attention(q, k, v, num, idx, block_size=16, return_lse=True, **sel)
+        with bsp.forward_variant(variant):
+            out, lse = bsp.block_sparse_attention_triton(q, k, v, num, idx, block_size=16, return_lse=True, **sel)
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(lse, ref_lse)
+    q, k, v = inputs(1, 4, 2, 61, 32, seed=6)
+    index = block_topk_index(q.detach(), k.detach(), block_size=16, density=0.5)
+    ref = rs.block_sparse_attention(q, k, v, index.kv_num_blocks, index.kv_indices, **index.kernel_kwargs())
+    with bsp.forward_variant(variant):
+        out = bsp.block_sparse_attention_triton(q, k, v, index.kv_num_blocks, index.kv_indices,
+                                                **index.kernel_kwargs())
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    grad = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(ref, (q, k, v), grad), torch.autograd.grad(out, (q, k, v), grad)):
+        torch.testing.assert_close(b, a, atol=5e-5, rtol=5e-5)
+
+
+def test_forward_variant_errors():
+    with pytest.raises(ValueError, match="forward variant"):
+        with bsp.forward_variant("nope"):
+            pass
+    assert bsp._FWD_VARIANT[0] == "default"
+    assert bsp._variant_stages(3, 128, 128, 2) == 3 and bsp._variant_stages(3, 128, 256, 2) == 2
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 def _eager(q, k, v, mask):
     g = q.shape[1] // k.shape[1]
@@ -83,6 +121,22 @@ def _eager(q, k, v, mask):
     return p @ v
 
 
+def _bf16_rule_errors(out, q, k, v, index, lse=None):
+    """(max error of ``out`` vs the fp32 reference, max error of bf16 eager attention with the same mask); with
+    ``lse``, also checks it against the reference's."""
+    S = q.shape[2]
+    ref, ref_lse = rs.block_sparse_attention(q.float(), k.float(), v.float(), index.kv_num_blocks, index.kv_indices,
+                                             return_lse=True, **index.kernel_kwargs())
+    if lse is not None:
+        torch.testing.assert_close(lse, ref_lse.detach(), atol=2e-2, rtol=1e-3)
+    blocks = rs.selected_blocks(index.kv_num_blocks, index.kv_indices, index.full_kv_num_blocks,
+                                index.full_kv_indices, -(-S // 128))
+    i = torch.arange(S, device=q.device)
+    mask = blocks[:, :, i // 128][:, :, :, i // 128] & (i[None, :] <= i[:, None])
+    eager = _eager(q.detach(), k.detach(), v.detach(), mask)
+    return (out.float() - ref).abs().max().item(), (eager.float() - ref).abs().max().item()
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("S", [4096, 4000])
 def test_cuda_bf16_rule(S):
@@ -90,14 +144,7 @@ def test_cuda_bf16_rule(S):
     q, k, v = inputs(1, 8, 2, S, 128, dtype=torch.bfloat16, device="cuda", seed=S)
     index = block_topk_index(q.detach(), k.detach(), block_size=128, density=0.3)
     out = bsp.block_sparse_attention_triton(q, k, v, index.kv_num_blocks, index.kv_indices, **index.kernel_kwargs())
-    ref = rs.block_sparse_attention(q.float(), k.float(), v.float(), index.kv_num_blocks, index.kv_indices,
-                                    **index.kernel_kwargs())
-    blocks = rs.selected_blocks(index.kv_num_blocks, index.kv_indices, index.full_kv_num_blocks,
-                                index.full_kv_indices, -(-S // 128))
-    i = torch.arange(S, device="cuda")
-    mask = blocks[:, :, i // 128][:, :, :, i // 128] & (i[None, :] <= i[:, None])
-    eager = _eager(q.detach(), k.detach(), v.detach(), mask)
-    err, err_eager = (out.float() - ref).abs().max().item(), (eager.float() - ref).abs().max().item()
+    err, err_eager = _bf16_rule_errors(out, q, k, v, index)
     print(f"S={S} ours max err {err:.3e} eager bf16 {err_eager:.3e}")
     assert err <= 2 * err_eager + 1e-6
     grad = torch.randn_like(out)
@@ -150,3 +197,26 @@ def test_cuda_estimate_matches_cpu_and_block_mask():
     cpu_blocks = rs.selected_blocks(cpu.kv_num_blocks, cpu.kv_indices, cpu.full_kv_num_blocks, cpu.full_kv_indices, n)
     assert (blocks.cpu() != cpu_blocks).float().mean().item() < 1e-3
     assert torch.equal(index.block_mask(S).to_dense().bool(), blocks)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", sorted(bsp.FWD_VARIANTS))
+def test_cuda_forward_variants(variant):
+    """(Last in the file: six compiles; benchmarks/run_gpu_sparse.sh gives the cuda tests 50 s.) Each forward
+    schedule, compiled, at a medium shape (odd length, GQA 4, D=128 bf16, estimated lists): output
+    within the bf16 rule of test_cuda_bf16_rule, LSE equal to the reference's; with columns (vertical-slash lists)
+    the same output as the default schedule."""
+    S = 4000
+    q, k, v = (t.detach() for t in inputs(1, 8, 2, S, 128, dtype=torch.bfloat16, device="cuda", seed=S))
+    index = block_topk_index(q, k, block_size=128, density=0.3)
+    with bsp.forward_variant(variant):
+        out, lse = bsp.block_sparse_attention_triton(q, k, v, index.kv_num_blocks, index.kv_indices,
+                                                     return_lse=True, **index.kernel_kwargs())
+    err, err_eager = _bf16_rule_errors(out, q, k, v, index, lse)
+    print(f"{variant}: max err {err:.3e} eager bf16 {err_eager:.3e}")
+    assert err <= 2 * err_eager + 1e-6
+    vs = vertical_slash_index(q, k, block_size=128, density=0.3)
+    base = bsp.block_sparse_attention_triton(q, k, v, vs.kv_num_blocks, vs.kv_indices, **vs.kernel_kwargs())
+    with bsp.forward_variant(variant):
+        got = bsp.block_sparse_attention_triton(q, k, v, vs.kv_num_blocks, vs.kv_indices, **vs.kernel_kwargs())
+    assert (got.float() - base.float()).abs().max().item() <= 1e-2

@@ -13,7 +13,10 @@ Kernels (log2 units, ``exp2``, as ``sink_window.py``):
   without any mask, then the partial list with the causal/length mask, then the column list (gathered keys,
   ``BLOCK_C`` at a time). Each listed block is one ``sink_window._fwd_block`` step in dense mode (no sinks,
   no window), the columns use its ``_fwd_probs``. The list loops load the next block index inside the loop,
-  so Triton pipelines the K/V loads as in the dense kernel.
+  so Triton pipelines the K/V loads (one block ahead: the in-loop index load makes them indirect loads for
+  Triton's pipeliner). ``_fwd_variant_kernel``: alternative schedules of the same computation (index prefetch
+  for a deeper pipeline, TMA loads, GQA-grouped grid), ``FWD_VARIANTS``, selected with :func:`forward_variant`
+  (benchmarks/sparse_variants.py, benchmarks/NOTES-sparse.md); "default" is the kernel above.
 * Backward (block lists only; columns have no backward): ``sink_window._bwd_delta_kernel``, then
   ``_bwd_dq_kernel`` (query blocks, the forward's lists) and ``_bwd_dkdv_kernel`` (key blocks, the
   transposed lists built on the device by :func:`transpose_lists`; loops over the G query heads of a KV
@@ -26,6 +29,8 @@ bf16 / fp16 on CUDA (fp32 only under the interpreter); head dims ``sink_window.S
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -204,34 +209,6 @@ if triton is not None:
                                         MASKED, DOT_PREC, DOT_T)
         return acc, l_i, m_i
 
-    @triton.jit
-    def _list_overlap(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_ks, stride_vs, idx_ptr, n, rows,
-                      kmax, Skv, WINDOW, qk_scale, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                      HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr, DOT_T: tl.constexpr, TMA: tl.constexpr):
-        """Mask-free list with the scores of block e + 1 (Q K^T, an asynchronous wgmma on Hopper) issued before
-        the softmax of block e, so the tensor cores work while the softmax runs (FA3's intra-warpgroup
-        overlap, written as a loop-carried score tile). Index prefetch as :func:`_list_prefetch`."""
-        offs_n = tl.arange(0, BLOCK_N)
-        start = tl.load(idx_ptr, mask=n > 0, other=0) * BLOCK_N
-        nxt = tl.load(idx_ptr + 1, mask=n > 1, other=0)
-        k = _kv_tile(k_base, k_desc, start, stride_ks, Skv, BLOCK_N, BLOCK_D, HEAD_DIM, False, TMA)
-        qk = tl.dot(q.to(DOT_T), tl.trans(k.to(DOT_T)), input_precision=DOT_PREC)
-        for e in range(0, n - 1):
-            start_n = nxt * BLOCK_N
-            nxt = tl.load(idx_ptr + e + 2, mask=e + 2 < n, other=0)
-            k_n = _kv_tile(k_base, k_desc, start_n, stride_ks, Skv, BLOCK_N, BLOCK_D, HEAD_DIM, False, TMA)
-            qk_n = tl.dot(q.to(DOT_T), tl.trans(k_n.to(DOT_T)), input_precision=DOT_PREC)
-            v = _kv_tile(v_base, v_desc, start, stride_vs, Skv, BLOCK_N, BLOCK_D, HEAD_DIM, False, TMA)
-            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, v, start + offs_n, kmax, rows, Skv, WINDOW, qk_scale,
-                                        False, DOT_PREC, DOT_T)
-            qk = qk_n
-            start = start_n
-        if n > 0:
-            v = _kv_tile(v_base, v_desc, start, stride_vs, Skv, BLOCK_N, BLOCK_D, HEAD_DIM, False, TMA)
-            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, v, start + offs_n, kmax, rows, Skv, WINDOW, qk_scale,
-                                        False, DOT_PREC, DOT_T)
-        return acc, l_i, m_i
-
     @triton.jit(do_not_specialize=["H", "G", "S", "QB", "KVB", "FKVB", "NC", "WINDOW"])
     def _fwd_variant_kernel(Q, K, V, O, LSE, NUM, IDX, FNUM, FIDX, CNUM, CIDX,
                             stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
@@ -239,10 +216,9 @@ if triton is not None:
                             H, G, S, QB, KVB, FKVB, NC, WINDOW, qk_scale,
                             HAS_FULL: tl.constexpr, HAS_COLS: tl.constexpr, DOT_PREC: tl.constexpr,
                             DOT_T: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
-                            BLOCK_C: tl.constexpr, GROUPED: tl.constexpr, TMA: tl.constexpr,
-                            OVERLAP: tl.constexpr):
-        """:func:`_fwd_kernel` with the lists run by :func:`_list_prefetch` (or :func:`_list_overlap` for the
-        mask-free list), optionally TMA loads and the GQA-grouped grid."""
+                            BLOCK_C: tl.constexpr, GROUPED: tl.constexpr, TMA: tl.constexpr):
+        """:func:`_fwd_kernel` with both lists run by :func:`_list_prefetch`; ``TMA``: K/V blocks through tensor
+        descriptors; ``GROUPED``: the GQA-grouped grid of :func:`_variant_program`."""
         b, h, rows, kmax, row, bh_s, k_base, v_base = _variant_program(K, V, stride_kb, stride_kh, stride_vb,
                                                                        stride_vh, H, G, S, QB, BLOCK, GROUPED)
         q_ptrs, q_ok = _row_tile(Q, b, h, rows, S, stride_qb, stride_qh, stride_qs, BLOCK_D, HEAD_DIM)
@@ -258,15 +234,9 @@ if triton is not None:
         l_i = tl.zeros([BLOCK], dtype=tl.float32)
         m_i = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
         if HAS_FULL:
-            if OVERLAP:
-                acc, l_i, m_i = _list_overlap(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_ks,
-                                              stride_vs, FIDX + row * FKVB, tl.load(FNUM + row), rows, kmax, S,
-                                              WINDOW, qk_scale, BLOCK, BLOCK_D, HEAD_DIM, DOT_PREC, DOT_T, TMA)
-            else:
-                acc, l_i, m_i = _list_prefetch(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_ks,
-                                               stride_vs, FIDX + row * FKVB, tl.load(FNUM + row), rows, kmax, S,
-                                               WINDOW, qk_scale, BLOCK, BLOCK_D, HEAD_DIM, False, DOT_PREC, DOT_T,
-                                               TMA)
+            acc, l_i, m_i = _list_prefetch(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_ks, stride_vs,
+                                           FIDX + row * FKVB, tl.load(FNUM + row), rows, kmax, S, WINDOW, qk_scale,
+                                           BLOCK, BLOCK_D, HEAD_DIM, False, DOT_PREC, DOT_T, TMA)
         acc, l_i, m_i = _list_prefetch(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, stride_ks, stride_vs,
                                        IDX + row * KVB, tl.load(NUM + row), rows, kmax, S, WINDOW, qk_scale, BLOCK,
                                        BLOCK_D, HEAD_DIM, True, DOT_PREC, DOT_T, TMA)
@@ -376,6 +346,47 @@ def _launch_params(block_size: int, head_dim_p: int) -> dict:
             "cols": 64}
 
 
+# Forward schedules (internal; benchmarks/sparse_variants.py times them side by side, NOTES-sparse.md says what each
+# changes and why). "default" (_fwd_kernel, 2 stages) stays the default until a GPU measurement picks another.
+#   prefetch: both list loops carry the NEXT block index (loaded one iteration ahead), so the K/V loads are direct
+#             for triton's pipeliner and go num_stages - 1 = 2 blocks ahead (default: 1 block, the in-loop index
+#             load makes them indirect); 3 stages (224 KB of shared memory at block 128, D 128)
+#   -s2:      the same loop at 2 stages (1 block ahead): separates the loop change from the deeper pipeline
+#   -grouped: grid (query block, head-in-group): the G query heads of a KV head run side by side (shared K/V
+#             blocks stay in L2)
+#   -tma:     K/V blocks through device-side TMA tensor descriptors (one bulk copy per tile, mbarrier waits)
+FWD_VARIANTS = {
+    "default": None,
+    "prefetch": dict(GROUPED=False, TMA=False, STAGES=3),
+    "prefetch-s2": dict(GROUPED=False, TMA=False, STAGES=2),
+    "prefetch-grouped": dict(GROUPED=True, TMA=False, STAGES=3),
+    "prefetch-tma": dict(GROUPED=False, TMA=True, STAGES=3),
+    "prefetch-tma-grouped": dict(GROUPED=True, TMA=True, STAGES=3),
+}
+_FWD_VARIANT = ["default"]
+_SMEM_BYTES = 227 * 1024  # Hopper's per-block shared memory limit
+
+
+@contextlib.contextmanager
+def forward_variant(name: str):
+    """Run the forward kernel with another schedule from ``FWD_VARIANTS`` inside the block (benchmarks, tests)."""
+    if name not in FWD_VARIANTS:
+        raise ValueError(f"forward variant {name!r} is unknown; known: {sorted(FWD_VARIANTS)}")
+    previous = _FWD_VARIANT[0]
+    _FWD_VARIANT[0] = name
+    try:
+        yield
+    finally:
+        _FWD_VARIANT[0] = previous
+
+
+def _variant_stages(wanted: int, block_size: int, head_dim_p: int, elem: int) -> int:
+    """The variant's pipeline depth, lowered to 2 where Q plus ``wanted`` K/V buffers would not fit in shared
+    memory (e.g. D 256 at block 128)."""
+    tile = block_size * head_dim_p * elem
+    return wanted if tile * (1 + 2 * wanted) <= _SMEM_BYTES else 2
+
+
 def _prep(t: torch.Tensor | None, batch: int, heads: int) -> torch.Tensor | None:
     if t is None:
         return None
@@ -391,15 +402,25 @@ def _forward(q, k, v, num, idx, fnum, fidx, cnum, cidx, block_size, scale):
     params = _launch_params(block_size, BLOCK_D)
     qblocks = triton.cdiv(S, block_size)
     dummy = sw._dummy(q)
-    _fwd_kernel[(qblocks, B * H)](
-        q, k, v, out, lse, num, idx, fnum if fnum is not None else dummy, fidx if fidx is not None else dummy,
-        cnum if cnum is not None else dummy, cidx if cidx is not None else dummy,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        H, H // Hkv, S, qblocks, idx.shape[-1], fidx.shape[-1] if fidx is not None else 1,
-        cidx.shape[-1] if cidx is not None else 1, _DENSE_WINDOW, qk_scale,
-        HAS_FULL=fnum is not None, HAS_COLS=cnum is not None, DOT_PREC=prec[0], DOT_T=prec[1], HEAD_DIM=D,
-        BLOCK_D=BLOCK_D, BLOCK=block_size, BLOCK_C=params["cols"], **params["fwd"])
+    args = (q, k, v, out, lse, num, idx, fnum if fnum is not None else dummy, fidx if fidx is not None else dummy,
+            cnum if cnum is not None else dummy, cidx if cidx is not None else dummy,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            H, H // Hkv, S, qblocks, idx.shape[-1], fidx.shape[-1] if fidx is not None else 1,
+            cidx.shape[-1] if cidx is not None else 1, _DENSE_WINDOW, qk_scale)
+    meta = dict(HAS_FULL=fnum is not None, HAS_COLS=cnum is not None, DOT_PREC=prec[0], DOT_T=prec[1], HEAD_DIM=D,
+                BLOCK_D=BLOCK_D, BLOCK=block_size, BLOCK_C=params["cols"])
+    flags = FWD_VARIANTS[_FWD_VARIANT[0]]
+    if flags is None:
+        _fwd_kernel[(qblocks, B * H)](*args, **meta, **params["fwd"])
+        return out, lse
+    G = H // Hkv
+    grid = (qblocks * G, B * Hkv) if flags["GROUPED"] else (qblocks, B * H)
+    launch = dict(params["fwd"])
+    if launch:  # compiled (not the interpreter)
+        launch["num_stages"] = _variant_stages(flags["STAGES"], block_size, BLOCK_D, q.element_size())
+    _fwd_variant_kernel[grid](*args, **meta, GROUPED=flags["GROUPED"], TMA=flags["TMA"] and sw._tma_ready(k, v),
+                              **launch)
     return out, lse
 
 
