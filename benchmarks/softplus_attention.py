@@ -10,6 +10,11 @@ forward + backward, the same count for every provider. Times: ``triton.testing.d
 
     PYTHONPATH=. python benchmarks/softplus_attention.py --out DIR
 
+``--bwd-variants split,fused`` (or ``all``) adds, for LSSA and LSSAR, one forward + backward row per backward
+schedule of ``softplus.BWD_VARIANTS``, as provider ``lssa@fused`` etc. (same inputs, do_bench settings and FLOP
+count as the plain rows, which they replace for fwd+bwd); the table then gives each one's bwd / fwd ratio.
+``--providers lssa,lssar`` keeps only the named providers (a short GPU job), ``--modes fwd+bwd`` only those modes.
+
 Appends ``softplus_attention.csv`` rows and rewrites ``softplus_attention.md`` (printed last) under ``--out``
 after every measurement.
 """
@@ -31,6 +36,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", required=True)
     ap.add_argument("--seqs", default="8192,32768,131072")
+    ap.add_argument("--bwd-variants", default="", help="comma list of softplus.BWD_VARIANTS names, or 'all'")
+    ap.add_argument("--providers", default="", help="comma list of providers to run (default: all)")
+    ap.add_argument("--modes", default="fwd,fwd+bwd", help="comma list of fwd, fwd+bwd")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     import torch.nn.functional as F
@@ -38,7 +46,13 @@ def main(argv=None):
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from hf_longctx.kernels.softplus import softplus_attention_triton
+    from hf_longctx.kernels.softplus import BWD_VARIANTS, backward_variant, softplus_attention_triton
+
+    variants = list(BWD_VARIANTS) if args.bwd_variants == "all" else [n for n in args.bwd_variants.split(",") if n]
+    for name in variants:
+        if name not in BWD_VARIANTS:
+            ap.error(f"--bwd-variants: {name!r} is unknown; known: {sorted(BWD_VARIANTS)}")
+    wanted = {n for n in args.providers.split(",") if n}
 
     device = torch.cuda.get_device_name()
     header = (f"{device}; torch {torch.__version__}; triton {triton.__version__}; "
@@ -75,7 +89,7 @@ def main(argv=None):
         print("flex unavailable:", exc)
 
     for seq in [int(s) for s in args.seqs.split(",") if s]:
-        modes = ["fwd"] if seq > 32768 else ["fwd", "fwd+bwd"]
+        modes = [m for m in (["fwd"] if seq > 32768 else ["fwd", "fwd+bwd"]) if m in args.modes.split(",")]
         g = torch.Generator(device="cuda").manual_seed(0)
         q, k, v = (torch.randn(1, H, seq, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
         do = torch.randn_like(q)
@@ -100,15 +114,28 @@ def main(argv=None):
                 providers["flex-lssa"] = flex_lssa
             except Exception as exc:  # noqa: BLE001
                 print("flex setup failed:", exc)
+        if wanted:
+            providers = {name: fn for name, fn in providers.items() if name in wanted}
         for mode in modes:
             for name, fn in providers.items():
                 if mode == "fwd+bwd" and name == "flex-lssa" and seq > 8192:
                     continue  # Flex fwd+bwd at 32K: minutes of compile and run for a number known to lose
+                if mode == "fwd+bwd" and variants and name in ("lssa", "lssar"):
+                    continue  # timed below once per backward schedule (the default one among them)
                 if mode == "fwd":
                     record(seq, name, mode, lambda fn=fn: fn(q, k, v), None)
                 else:
                     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
                     record(seq, name, mode, lambda fn=fn, leaves=leaves: fn(*leaves).backward(do), leaves)
+            if mode == "fwd+bwd":
+                for name in ("lssa", "lssar"):
+                    if name not in providers:
+                        continue
+                    for variant in variants:
+                        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+                        record(seq, f"{name}@{variant}", mode,
+                               lambda fn=providers[name], leaves=leaves, variant=variant: _with_variant(
+                                   backward_variant, variant, lambda: fn(*leaves).backward(do)), leaves)
         del q, k, v, do
         torch.cuda.empty_cache()
 
@@ -137,10 +164,22 @@ def write_table(out_dir, header, results):
                             t("lssar", "fwd"))):
             if a and b:
                 lines.append(f"- S={seq}: {text}: {a / b:.2f}")
+        for provider in sorted({key[1] for key in results if key[0] == seq and "@" in key[1]}):
+            fwd = t(provider.split("@")[0], "fwd")
+            total = t(provider, "fwd+bwd")
+            if fwd and total:
+                lines.append(f"- S={seq}: {provider} bwd / fwd (<= 2.5): {_bwd(total, fwd) / fwd:.2f} "
+                             f"(bwd {total - fwd:.3f} ms)")
     table = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "softplus_attention.md"), "w") as f:
         f.write(table)
     return table
+
+
+def _with_variant(backward_variant, name, step):
+    """Runs ``step`` (forward + backward) with the backward schedule ``name``."""
+    with backward_variant(name):
+        step()
 
 
 def _bwd(total, fwd):

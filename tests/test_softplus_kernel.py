@@ -110,10 +110,10 @@ def test_interpreter_blocks_unequal(monkeypatch):
             assert_match(got, expected, 1e-4)
 
 
-def gpu_blocks() -> list:
-    """Every (BLOCK_M, BLOCK_N) of the GPU autotuning spaces (all kernels, both head-dim ranges)."""
-    return sorted({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for d in (128, 256) for kind in ("fwd", "dq", "dkdv")
-                   for c in sp._configs(kind, d)})
+def gpu_blocks(kinds=("fwd", "dq", "stats", "dkdv", "fused")) -> list:
+    """Every (BLOCK_M, BLOCK_N) of the GPU autotuning spaces of ``kinds`` (both head-dim ranges)."""
+    return sorted({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for d in (128, 256)
+                   for kind in kinds for c in sp._configs(kind, d)})
 
 
 @pytest.mark.parametrize("blocks", gpu_blocks(), ids=lambda b: f"{b[0]}x{b[1]}")
@@ -127,6 +127,65 @@ def test_interpreter_gpu_blocks(monkeypatch, blocks):
         for reweight in (False, True):
             got, expected = run_both(q, k, v, reweight=reweight)
             assert_match(got, expected, 1e-4)
+
+
+def grads_with(variant, q, k, v, grad, **kwargs):
+    """(dq, dk, dv) of the Triton kernels with the backward schedule ``variant``."""
+    with sp.backward_variant(variant):
+        return out_and_grads(sp.softplus_attention_triton, q, k, v, grad, **kwargs)[1:]
+
+
+def assert_fused_matches(q, k, v, **kwargs):
+    """The fused backward's dq, dk, dv against the fp32 reference (1e-4, as every interpreter test) and against
+    the split backward (1e-5: the same fp32 terms, summed in another order)."""
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(q.device, q.dtype)
+    fused = grads_with("fused", q, k, v, grad, **kwargs)
+    split = grads_with("split", q, k, v, grad, **kwargs)
+    exact = out_and_grads(softplus_attention, q, k, v, grad, **kwargs)[1:]
+    placeholder = torch.zeros(())  # assert_match compares (out, dq, dk, dv): the outputs are not under test here
+    assert_match((placeholder, *fused), (placeholder, *exact), 1e-4)
+    assert_match((placeholder, *fused), (placeholder, *split), 1e-5)
+
+
+@pytest.mark.parametrize("reweight", [False, True])
+@pytest.mark.parametrize("shape", [(1, 4, 2, 37, 37, 32), (2, 4, 2, 5, 29, 32), (1, 2, 2, 1, 21, 48)],
+                         ids=["gqa-odd", "chunked-prefill", "decode-padded-d"])
+def test_fused_backward(reweight, shape):
+    """Fused backward (dq by atomics from the key-block kernel): GQA 2:1, odd lengths, a query block that starts
+    inside a key block, a decode row, a head dim that is not a power of two."""
+    assert_fused_matches(*inputs(*shape, seed=11), reweight=reweight)
+
+
+@pytest.mark.parametrize("reweight", [False, True])
+def test_fused_backward_padding_and_packed_sequences(reweight):
+    q, k, v = inputs(2, 4, 2, 29, 29, 32, seed=12)
+    valid = torch.ones(2, 29, dtype=torch.bool)
+    valid[0, :6] = False
+    valid[1, 20:] = False
+    assert_fused_matches(q, k, v, reweight=reweight, kv_valid=valid)
+    segments = torch.tensor([[0] * 10 + [1] * 12 + [2] * 7, [0] * 3 + [1] * 26])
+    assert_fused_matches(q, k, v, reweight=reweight, segment_ids=segments)
+
+
+@pytest.mark.parametrize("blocks", gpu_blocks(("fused",)), ids=lambda b: f"{b[0]}x{b[1]}")
+def test_fused_backward_gpu_blocks(monkeypatch, blocks):
+    """The fused kernel's GPU block shapes (e.g. 16 or 32 rows x 128 keys): many row blocks per key block, a partial
+    last key block, chunked prefill with GQA."""
+    monkeypatch.setitem(sp.INTERPRET_BLOCKS, "m", blocks[0])
+    monkeypatch.setitem(sp.INTERPRET_BLOCKS, "n", blocks[1])
+    q, k, v = inputs(1, 4, 2, 40, 150, 32, seed=13)
+    for reweight in (False, True):
+        assert_fused_matches(q, k, v, reweight=reweight)
+
+
+def test_backward_variant_selection():
+    assert set(sp.BWD_VARIANTS) == {"split", "fused"}
+    with pytest.raises(ValueError, match="backward variant"):
+        with sp.backward_variant("nope"):
+            pass
+    with sp.backward_variant("fused"):
+        assert sp._BWD_VARIANT[0] == "fused"
+    assert sp._BWD_VARIANT[0] == "split"  # the default is restored
 
 
 if sp.triton is not None:
@@ -267,3 +326,22 @@ def test_cuda_every_config(monkeypatch):
                 base = out_and_grads(lambda *t: eager_softplus(*t, reweight), q, k, v, grad)
                 for name, a, b, e in zip(("out", "dq", "dk", "dv"), got, base, exact):
                     _check_2x(f"{kind} config {index} reweight={reweight} {name}", a, b, e.detach())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("reweight", [False, True])
+@pytest.mark.parametrize("shape", [(1, 8, 2, 1000, 1000, 128), (2, 4, 4, 777, 2048, 64), (1, 4, 1, 1, 3000, 128)])
+def test_cuda_fused_backward(monkeypatch, reweight, shape):
+    """The fused backward under the bf16 rule (as test_cuda_same_dtype_rule), with autotuning on: each tuning run of
+    the fused kernel must start from a zeroed dq buffer (reset_to_zero), or the chosen run's dq is a multiple."""
+    monkeypatch.setenv("HF_LONGCTX_AUTOTUNE", "1")
+    monkeypatch.setattr(sp, "_TUNED", {})
+    q, k, v = inputs(*shape, dtype=torch.bfloat16, device="cuda", seed=3)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(q.device, q.dtype)
+    with sp.backward_variant("fused"):
+        ours = out_and_grads(sp.softplus_attention_triton, q, k, v, grad, reweight=reweight)
+    base = out_and_grads(lambda *t: eager_softplus(*t, reweight), q, k, v, grad)
+    fp32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    exact = out_and_grads(softplus_attention, *fp32, grad.float(), reweight=reweight)
+    for name, a, b, e in list(zip(("out", "dq", "dk", "dv"), ours, base, exact))[1:]:
+        _check_2x(f"fused {shape} reweight={reweight} {name}", a, b, e.detach())

@@ -26,7 +26,10 @@ sigmoid is a polynomial in the same t (no divide). See benchmarks/NOTES-softplus
   group and the query rows at or after the block; no atomics). The dK/dV kernel works on transposed tiles
   [BLOCK_N, BLOCK_M] computed as k q^T and v dO^T, so no computed tile is transposed before a tl.dot: that
   pattern (tl.trans of an MMA result, lowered through a #linear layout to wgmma) gave a wrong dK on the H100
-  with triton 3.6 (issue 8; the interpreter does not reproduce it).
+  with triton 3.6 (issue 8; the interpreter does not reproduce it). That is the "split" schedule of
+  ``BWD_VARIANTS``; "fused" (:func:`backward_variant`) runs ``_bwd_dq_kernel`` for delta / gamma only, then
+  ``_bwd_dkdv_kernel`` with ``FUSED_DQ``, which also adds dq^T = k^T dX^T into a zeroed fp32 buffer by atomics
+  (5 matmuls per score element instead of 7; the computed dX^T is a dot operand untransposed).
 
 Masks: the sink kernel's segments (``sink_window.kv_valid_to_spans`` / ``segment_table``, mode 0 / 1 / 2; see
 that module) and its program-to-segment map; rows and keys beyond a segment's keys are masked, and a fully
@@ -38,6 +41,7 @@ unsupported raises ValueError naming the parameter.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -52,7 +56,7 @@ except Exception:  # pragma: no cover - exercised only where triton is missing o
     triton = None
     tl = None
 
-__all__ = ["MAX_POWER", "softplus_attention_triton", "unsupported_reason"]
+__all__ = ["BWD_VARIANTS", "MAX_POWER", "backward_variant", "softplus_attention_triton", "unsupported_reason"]
 
 MAX_POWER = 64
 _LN2 = 0.6931471805599453
@@ -316,7 +320,9 @@ if triton is not None:
                        B, H, G, Sq, Skv, SQ_BUCKET,
                        MODE: tl.constexpr, REWEIGHT: tl.constexpr, POWER: tl.constexpr, DOT_T: tl.constexpr,
                        DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WITH_DQ: tl.constexpr):
+        """Per query block: delta = rowsum(dO * O) and (LSSAR) gamma, stored in DELTA (2, B, H, Sq); then dq
+        (WITH_DQ, the split backward). Without WITH_DQ it is the fused backward's first pass and DQ is unused."""
         pid_blk = tl.program_id(0)
         if MODE != 2:
             pid_blk = tl.num_programs(0) - 1 - pid_blk
@@ -354,22 +360,25 @@ if triton is not None:
             dq, gamma = _dq_pass(dq, gamma, q, do, k_base, v_base, stride_ks, stride_vs, full_end, kend, rows, k_lo,
                                  k_hi, inv_z, n_i, o_i, inv_peak, inv_s, delta, True, REWEIGHT, POWER, True,
                                  BLOCK_N, BLOCK_D, HEAD_DIM, DOT_T, DOT_PREC)
-        dq, gamma = _dq_pass(dq, gamma, q, do, k_base, v_base, stride_ks, stride_vs, k_lo, full_end, rows, k_lo,
-                             k_hi, inv_z, n_i, o_i, inv_peak, inv_s, delta, False, REWEIGHT, POWER, False,
-                             BLOCK_N, BLOCK_D, HEAD_DIM, DOT_T, DOT_PREC)
-        dq, gamma = _dq_pass(dq, gamma, q, do, k_base, v_base, stride_ks, stride_vs, full_end, kend, rows, k_lo,
-                             k_hi, inv_z, n_i, o_i, inv_peak, inv_s, delta, False, REWEIGHT, POWER, True,
-                             BLOCK_N, BLOCK_D, HEAD_DIM, DOT_T, DOT_PREC)
-        tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + tile * stride_dqs + offs_d[None, :],
-                 dq.to(DQ.dtype.element_ty), mask=tile_ok)
+        if WITH_DQ:
+            dq, gamma = _dq_pass(dq, gamma, q, do, k_base, v_base, stride_ks, stride_vs, k_lo, full_end, rows, k_lo,
+                                 k_hi, inv_z, n_i, o_i, inv_peak, inv_s, delta, False, REWEIGHT, POWER, False,
+                                 BLOCK_N, BLOCK_D, HEAD_DIM, DOT_T, DOT_PREC)
+            dq, gamma = _dq_pass(dq, gamma, q, do, k_base, v_base, stride_ks, stride_vs, full_end, kend, rows, k_lo,
+                                 k_hi, inv_z, n_i, o_i, inv_peak, inv_s, delta, False, REWEIGHT, POWER, True,
+                                 BLOCK_N, BLOCK_D, HEAD_DIM, DOT_T, DOT_PREC)
+            tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + tile * stride_dqs + offs_d[None, :],
+                     dq.to(DQ.dtype.element_ty), mask=tile_ok)
         tl.store(DELTA + stat, delta, mask=row_ok)
         tl.store(DELTA + plane + stat, gamma, mask=row_ok)
 
     @triton.jit
-    def _dkdv_pass(dk, dv, k, v, q_base, do_base, STATS, NQ, stat_base, nq_base, delta_base, plane, stride_qs,
-                   stride_dos, q_off, lo, hi, cols, k_lo, k_hi, REWEIGHT: tl.constexpr, POWER: tl.constexpr,
-                   MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   DOT_T: tl.constexpr, DOT_PREC: tl.constexpr):
+    def _dkdv_pass(dk, dv, k, v, q_base, do_base, dq_base, STATS, NQ, stat_base, nq_base, delta_base, plane,
+                   stride_qs, stride_dos, stride_dqs, q_off, lo, hi, cols, k_lo, k_hi, REWEIGHT: tl.constexpr,
+                   POWER: tl.constexpr, MASKED: tl.constexpr, FUSED_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_T: tl.constexpr, DOT_PREC: tl.constexpr):
+        """dK, dV [BLOCK_N, BLOCK_D] of the key block ``cols`` += the query rows [lo, hi) of one head. FUSED_DQ: also
+        adds those rows' dq^T = k^T dX^T [BLOCK_D, BLOCK_M] (fp32) into the fp32 buffer at ``dq_base`` by atomics."""
         offs_m = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
@@ -398,17 +407,26 @@ if triton is not None:
                 dx = tl.where(a > 0.0, dx, 0.0)
             dv = tl.dot(p.to(DOT_T), do.to(DOT_T), dv, input_precision=DOT_PREC)
             dk = tl.dot(dx.to(DOT_T), q.to(DOT_T), dk, input_precision=DOT_PREC)
+            if FUSED_DQ:
+                # dq^T = k^T dX^T: the computed tile dX^T is the B operand as it is (a loaded tile is transposed)
+                dq_t = tl.dot(tl.trans(k.to(DOT_T)), dx.to(DOT_T), input_precision=DOT_PREC)
+                tl.atomic_add(dq_base + q_rows[None, :] * stride_dqs + offs_d[:, None], dq_t,
+                              mask=d_ok[:, None] & row_ok[None, :], sem="relaxed")
         return dk, dv
 
     @triton.jit(do_not_specialize=["B", "H", "Hkv", "G", "Sq", "Skv", "SQ_BUCKET"])
-    def _bwd_dkdv_kernel(Q, K, V, DO, STATS, NQ, DELTA, DK, DV, SEG, WORK,
+    def _bwd_dkdv_kernel(Q, K, V, DO, STATS, NQ, DELTA, DK, DV, DQ, SEG, WORK,
                          stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                          stride_vb, stride_vh, stride_vs, stride_dob, stride_doh, stride_dos,
                          stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
+                         stride_dqb, stride_dqh, stride_dqs,
                          B, H, Hkv, G, Sq, Skv, SQ_BUCKET,
                          MODE: tl.constexpr, REWEIGHT: tl.constexpr, POWER: tl.constexpr, DOT_T: tl.constexpr,
                          DOT_PREC: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FUSED_DQ: tl.constexpr):
+        """Per key block and (batch, KV head): dK, dV summed over the G query heads of the group, from delta / gamma
+        in DELTA. FUSED_DQ (the fused backward): dq too, added into the zero-initialised fp32 DQ (B, H, Sq, D) by
+        atomics, one [BLOCK_D, BLOCK_M] tile per (row block, head); without it DQ is unused."""
         blk, b, hk, q_lo, q_hi, k_lo, k_hi = _program_segment(tl.program_id(0), tl.program_id(1), SEG, WORK, Hkv,
                                                              Sq, Skv, MODE)
         q_off = Skv - Sq
@@ -430,18 +448,19 @@ if triton is not None:
             h64 = (hk * G + g).to(tl.int64)
             q_base = Q + b64 * stride_qb + h64 * stride_qh
             do_base = DO + b64 * stride_dob + h64 * stride_doh
+            dq_base = DQ + b64 * stride_dqb + h64 * stride_dqh
             stat_base = (b64 * H + h64) * Sq
             delta_base = DELTA + stat_base
             nq_base = b64 * Sq
-            dk, dv = _dkdv_pass(dk, dv, k, v, q_base, do_base, STATS, NQ, stat_base, nq_base, delta_base, plane,
-                                stride_qs, stride_dos, q_off, r_start, low_end, cols, k_lo, k_hi, REWEIGHT, POWER,
-                                True, BLOCK_M, BLOCK_D, HEAD_DIM, DOT_T, DOT_PREC)
-            dk, dv = _dkdv_pass(dk, dv, k, v, q_base, do_base, STATS, NQ, stat_base, nq_base, delta_base, plane,
-                                stride_qs, stride_dos, q_off, low_end, mid_end, cols, k_lo, k_hi, REWEIGHT, POWER,
-                                False, BLOCK_M, BLOCK_D, HEAD_DIM, DOT_T, DOT_PREC)
-            dk, dv = _dkdv_pass(dk, dv, k, v, q_base, do_base, STATS, NQ, stat_base, nq_base, delta_base, plane,
-                                stride_qs, stride_dos, q_off, mid_end, r_end, cols, k_lo, k_hi, REWEIGHT, POWER,
-                                True, BLOCK_M, BLOCK_D, HEAD_DIM, DOT_T, DOT_PREC)
+            dk, dv = _dkdv_pass(dk, dv, k, v, q_base, do_base, dq_base, STATS, NQ, stat_base, nq_base, delta_base,
+                                plane, stride_qs, stride_dos, stride_dqs, q_off, r_start, low_end, cols, k_lo, k_hi,
+                                REWEIGHT, POWER, True, FUSED_DQ, BLOCK_M, BLOCK_D, HEAD_DIM, DOT_T, DOT_PREC)
+            dk, dv = _dkdv_pass(dk, dv, k, v, q_base, do_base, dq_base, STATS, NQ, stat_base, nq_base, delta_base,
+                                plane, stride_qs, stride_dos, stride_dqs, q_off, low_end, mid_end, cols, k_lo, k_hi,
+                                REWEIGHT, POWER, False, FUSED_DQ, BLOCK_M, BLOCK_D, HEAD_DIM, DOT_T, DOT_PREC)
+            dk, dv = _dkdv_pass(dk, dv, k, v, q_base, do_base, dq_base, STATS, NQ, stat_base, nq_base, delta_base,
+                                plane, stride_qs, stride_dos, stride_dqs, q_off, mid_end, r_end, cols, k_lo, k_hi,
+                                REWEIGHT, POWER, True, FUSED_DQ, BLOCK_M, BLOCK_D, HEAD_DIM, DOT_T, DOT_PREC)
         _store_dkdv(DK, DV, dk, dv, b, hk, cols, k_hi, stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh,
                     stride_dvs, BLOCK_D, HEAD_DIM)
 
@@ -460,26 +479,41 @@ def _configs(kind: str, head_dim_p: int) -> list:
     if head_dim_p >= 256:
         return {"fwd": [C({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)],
                 "dq": [C({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)],
-                "dkdv": [C({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]}[kind]
+                "stats": [C({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=1)],  # LSSAR 157 regs, 0 B
+                "dkdv": [C({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)],
+                "fused": [C({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=1)]}[kind]  # 217 regs, 0 B
     return {"fwd": [C({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
                     C({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2)],
             "dq": [C({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),
                    C({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2)],
             # BLOCK_M 64 spills 1.5 KB; stages 1 spills less (LSSAR 208 B vs 392 B, sm_90, triton 3.6)
             "dkdv": [C({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-                     C({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=1)]}[kind]
+                     C({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=1)],
+            # fused backward's first pass: delta, and for LSSAR the gamma pass (no dq accumulator: LSSAR 175 regs
+            # at 64 keys, no spill)
+            "stats": [C({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+                      C({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2)],
+            # the dK/dV body plus the dq^T tile: 16 rows spill 72 / 128 B (LSSA / LSSAR), 32 rows 192 / 392 B
+            # (sm_90a, triton 3.9, NOTES "Fused backward"); the wider MMAs of 32 rows may still win
+            "fused": [C({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+                      C({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=2)]}[kind]
+
+
+# Kernel kinds whose programs own a key block (the others own a query block).
+_KEY_BLOCKED = ("dkdv", "fused")
 
 
 def _outer(kind: str, head_dim_p: int) -> int:
     """Outer block (the one the grid / work table is built on) of a kernel kind."""
     if _interpret():
-        return INTERPRET_BLOCKS["n" if kind == "dkdv" else "m"]
+        return INTERPRET_BLOCKS["n" if kind in _KEY_BLOCKED else "m"]
     first = _configs(kind, head_dim_p)[0].kwargs
-    return first["BLOCK_N" if kind == "dkdv" else "BLOCK_M"]
+    return first["BLOCK_N" if kind in _KEY_BLOCKED else "BLOCK_M"]
 
 
 def _run(kind: str, grid, args: list, meta: dict, head_dim_p: int) -> None:
-    kernel = {"fwd": _fwd_kernel, "dq": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel}[kind]
+    kernel = {"fwd": _fwd_kernel, "dq": _bwd_dq_kernel, "stats": _bwd_dq_kernel, "dkdv": _bwd_dkdv_kernel,
+              "fused": _bwd_dkdv_kernel}[kind]
     if _interpret():
         kernel[grid](*args, **meta, BLOCK_M=INTERPRET_BLOCKS["m"], BLOCK_N=INTERPRET_BLOCKS["n"])
         return
@@ -489,8 +523,10 @@ def _run(kind: str, grid, args: list, meta: dict, head_dim_p: int) -> None:
         configs = _configs(kind, head_dim_p)
         if os.environ.get("HF_LONGCTX_AUTOTUNE", "1") == "0":
             configs = configs[:1]
-        # re-tuned per length bucket (sink_window._sq_bucket), not per length: one tuning per bucket
-        tuned = triton.autotune(configs=configs, key=["SQ_BUCKET", "REWEIGHT"])(kernel)
+        # re-tuned per length bucket (sink_window._sq_bucket), not per length: one tuning per bucket; the fused
+        # kernel accumulates dq by atomics, so each tuning run starts from zeros
+        tuned = triton.autotune(configs=configs, key=["SQ_BUCKET", "REWEIGHT"],
+                                reset_to_zero=["DQ"] if kind == "fused" else None)(kernel)
         _TUNED[key] = tuned
     tuned[grid](*args, **meta)
 
@@ -505,7 +541,7 @@ def _grid(kind: str, seg, mode: int, length: int, rows: int, head_dim_p: int, q:
     """(grid, work table) of a kernel whose outer blocks tile ``length`` positions for ``rows`` (batch*heads)."""
     block = _outer(kind, head_dim_p)
     if mode == 2:
-        cols = (3, 4) if kind == "dkdv" else (1, 2)
+        cols = (3, 4) if kind in _KEY_BLOCKED else (1, 2)
         work = sink_window._work_table(seg, cols[0], cols[1], block, length, q.shape[0])
         return (work.shape[0], rows), work
     return (triton.cdiv(length, block), rows), sink_window._dummy(q)
@@ -529,31 +565,59 @@ def _forward(q, k, v, counts, seg, mode, reweight, power):
     return out, stats
 
 
+# Backward schedules: (kind of the query-block kernel, kind of the key-block kernel). benchmarks/softplus_attention.py
+# --bwd-variants times them side by side; NOTES-softplus-kernel.md ("Fused backward") says what each costs.
+#   split: _bwd_dq_kernel writes dq (LSSAR: after its gamma pass), then _bwd_dkdv_kernel writes dK/dV:
+#          7 matmuls per score element (LSSAR 9), two elementwise passes
+#   fused: _bwd_dq_kernel computes only delta (LSSAR: and gamma, 2 matmuls), then _bwd_dkdv_kernel writes dK/dV
+#          and adds dq into an fp32 buffer by atomics: 5 matmuls (LSSAR 7), one elementwise pass for dq/dK/dV
+# "split" stays the default until a GPU measurement picks; every mode (dense, padding, packed) runs either.
+BWD_VARIANTS = {"split": ("dq", "dkdv"), "fused": ("stats", "fused")}
+_BWD_VARIANT = ["split"]
+
+
+@contextlib.contextmanager
+def backward_variant(name: str):
+    """Run the backward with another schedule from ``BWD_VARIANTS`` inside the block (benchmarks, tests). The
+    schedule is read when the backward runs: ``.backward()`` must be called inside the block."""
+    if name not in BWD_VARIANTS:
+        raise ValueError(f"backward variant {name!r} is unknown; known: {sorted(BWD_VARIANTS)}")
+    previous = _BWD_VARIANT[0]
+    _BWD_VARIANT[0] = name
+    try:
+        yield
+    finally:
+        _BWD_VARIANT[0] = previous
+
+
 def _backward(do, q, k, v, o, counts, stats, seg, mode, reweight, power):
     B, H, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
-    dq = torch.empty_like(q)
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)
     if Sq == 0 or Skv == 0:
-        return dq.zero_(), dk, dv
+        return torch.zeros_like(q), dk, dv
+    rows_kind, keys_kind = BWD_VARIANTS[_BWD_VARIANT[0]]
+    fused = keys_kind == "fused"
+    # split: the dq kernel writes dq; fused: the dK/dV kernel adds it into fp32 zeros (cast once at the end)
+    dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if fused else torch.empty_like(q)
     do = do if do.stride(-1) == 1 else do.contiguous()
     block_d = max(16, triton.next_power_of_2(D))
     seg_t = seg if seg is not None else sink_window._dummy(q)
     dot_t, prec = _dot_types(q.dtype)
     meta = dict(MODE=mode, REWEIGHT=reweight, POWER=power, DOT_T=dot_t, DOT_PREC=prec, HEAD_DIM=D, BLOCK_D=block_d)
     delta = torch.zeros(2, B, H, Sq, device=q.device, dtype=torch.float32)  # delta, gamma
-    grid, work = _grid("dq", seg, mode, Sq, H if mode == 2 else B * H, block_d, q)
+    grid, work = _grid(rows_kind, seg, mode, Sq, H if mode == 2 else B * H, block_d, q)
     args = [q, k, v, o, do, stats, counts, delta, dq, seg_t, work, *q.stride()[:3], *k.stride()[:3],
             *v.stride()[:3], *o.stride()[:3], *do.stride()[:3], *dq.stride()[:3], B, H, H // Hkv, Sq, Skv,
             sink_window._sq_bucket(Skv)]
-    _run("dq", grid, args, meta, block_d)
-    grid, work = _grid("dkdv", seg, mode, Skv, Hkv if mode == 2 else B * Hkv, block_d, q)
-    args = [q, k, v, do, stats, counts, delta, dk, dv, seg_t, work, *q.stride()[:3], *k.stride()[:3],
-            *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], B, H, Hkv, H // Hkv, Sq, Skv,
-            sink_window._sq_bucket(Skv)]
-    _run("dkdv", grid, args, meta, block_d)
-    return dq, dk, dv
+    _run(rows_kind, grid, args, dict(meta, WITH_DQ=not fused), block_d)
+    grid, work = _grid(keys_kind, seg, mode, Skv, Hkv if mode == 2 else B * Hkv, block_d, q)
+    args = [q, k, v, do, stats, counts, delta, dk, dv, dq, seg_t, work, *q.stride()[:3], *k.stride()[:3],
+            *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *dq.stride()[:3], B, H, Hkv,
+            H // Hkv, Sq, Skv, sink_window._sq_bucket(Skv)]
+    _run(keys_kind, grid, args, dict(meta, FUSED_DQ=fused), block_d)
+    return dq.to(q.dtype), dk, dv
 
 
 # --------------------------------------------------------------------------------------------
