@@ -184,8 +184,8 @@ def test_backward_variant_selection():
         with sp.backward_variant("nope"):
             pass
     with sp.backward_variant("fused"):
-        assert sp._BWD_VARIANT[0] == "fused"
-    assert sp._BWD_VARIANT[0] == "split"  # the default is restored
+        assert sp._BWD_SCHEDULES.name == "fused"
+    assert sp._BWD_SCHEDULES.name == "split"  # the default is restored
 
 
 if sp.triton is not None:

@@ -108,7 +108,7 @@ def test_forward_variant_errors():
     with pytest.raises(ValueError, match="forward variant"):
         with bsp.forward_variant("nope"):
             pass
-    assert bsp._FWD_VARIANT[0] == "default"
+    assert bsp._FWD_SCHEDULES.name == "default"
     assert bsp._variant_stages(3, 128, 128, 2) == 3 and bsp._variant_stages(3, 128, 256, 2) == 2
 
 

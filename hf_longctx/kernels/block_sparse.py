@@ -30,11 +30,11 @@ bf16 / fp16 on CUDA (fp32 only under the interpreter); head dims ``sink_window.S
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 
 from . import sink_window as sw
+from .schedules import Schedules
 from .reference_sparse import block_mask_from_lists, check_block_lists, lists_from_mask
 
 triton, tl = sw.triton, sw.tl
@@ -363,21 +363,12 @@ FWD_VARIANTS = {
     "prefetch-tma": dict(GROUPED=False, TMA=True, STAGES=3),
     "prefetch-tma-grouped": dict(GROUPED=True, TMA=True, STAGES=3),
 }
-_FWD_VARIANT = ["default"]
 _SMEM_BYTES = 227 * 1024  # Hopper's per-block shared memory limit
 
 
-@contextlib.contextmanager
-def forward_variant(name: str):
-    """Run the forward kernel with another schedule from ``FWD_VARIANTS`` inside the block (benchmarks, tests)."""
-    if name not in FWD_VARIANTS:
-        raise ValueError(f"forward variant {name!r} is unknown; known: {sorted(FWD_VARIANTS)}")
-    previous = _FWD_VARIANT[0]
-    _FWD_VARIANT[0] = name
-    try:
-        yield
-    finally:
-        _FWD_VARIANT[0] = previous
+_FWD_SCHEDULES = Schedules("forward variant", FWD_VARIANTS, "default")
+# ``with forward_variant(name):`` runs the forward kernel with another schedule of FWD_VARIANTS (benchmarks, tests)
+forward_variant = _FWD_SCHEDULES.use
 
 
 def _variant_stages(wanted: int, block_size: int, head_dim_p: int, elem: int) -> int:
@@ -410,7 +401,7 @@ def _forward(q, k, v, num, idx, fnum, fidx, cnum, cidx, block_size, scale):
             cidx.shape[-1] if cidx is not None else 1, _DENSE_WINDOW, qk_scale)
     meta = dict(HAS_FULL=fnum is not None, HAS_COLS=cnum is not None, DOT_PREC=prec[0], DOT_T=prec[1], HEAD_DIM=D,
                 BLOCK_D=BLOCK_D, BLOCK=block_size, BLOCK_C=params["cols"])
-    flags = FWD_VARIANTS[_FWD_VARIANT[0]]
+    flags = _FWD_SCHEDULES.current
     if flags is None:
         _fwd_kernel[(qblocks, B * H)](*args, **meta, **params["fwd"])
         return out, lse

@@ -48,11 +48,12 @@ CUDA tensors, or for CPU tensors when ``TRITON_INTERPRET=1`` was set before trit
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
 import torch
+
+from .schedules import Schedules
 
 try:  # triton is optional at import time (CPU-only installs)
     import triton
@@ -1014,20 +1015,11 @@ FWD_VARIANTS = {
 # the L2 -> SM traffic (128 rows x D=128 need ~6 TB/s of L2 bandwidth at 800 TFLOP/s: 128 FLOP per byte).
 _VARIANT_CONFIGS = {"fused-m256": [dict(BLOCK_N=64, num_warps=16, num_stages=2)],
                     "fused-tma-m256": [dict(BLOCK_N=64, num_warps=16, num_stages=2)]}
-_FWD_VARIANT = ["default"]
 
 
-@contextlib.contextmanager
-def forward_variant(name: str):
-    """Run the forward kernel with another schedule from ``FWD_VARIANTS`` inside the block (benchmarks, tests)."""
-    if name not in FWD_VARIANTS:
-        raise ValueError(f"forward variant {name!r} is unknown; known: {sorted(FWD_VARIANTS)}")
-    previous = _FWD_VARIANT[0]
-    _FWD_VARIANT[0] = name
-    try:
-        yield
-    finally:
-        _FWD_VARIANT[0] = previous
+_FWD_SCHEDULES = Schedules("forward variant", FWD_VARIANTS, "default")
+# ``with forward_variant(name):`` runs the forward kernel with another schedule of FWD_VARIANTS (benchmarks, tests)
+forward_variant = _FWD_SCHEDULES.use
 
 
 def _tma_ready(*tensors) -> bool:
@@ -1112,7 +1104,7 @@ def _forward(q, k, v, s_aux, seg, mode, sink, window, scale, softcap):
 
     blocks = _outer_blocks(BLOCK_D)
     bm = blocks["fwd_m"]
-    variant = _FWD_VARIANT[0]
+    variant = _FWD_SCHEDULES.name
     flags = dict(FWD_VARIANTS[variant])
     bm *= flags.pop("M_SCALE", 1)
     flags["GROUPED"] = flags["GROUPED"] and mode != 2

@@ -41,12 +41,12 @@ unsupported raises ValueError naming the parameter.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
 
 from . import sink_window
+from .schedules import Schedules
 from .reference_softplus import row_scale, unit, visible_counts
 
 try:  # triton is optional at import time (CPU-only installs)
@@ -573,21 +573,12 @@ def _forward(q, k, v, counts, seg, mode, reweight, power):
 #          and adds dq into an fp32 buffer by atomics: 5 matmuls (LSSAR 7), one elementwise pass for dq/dK/dV
 # "split" stays the default until a GPU measurement picks; every mode (dense, padding, packed) runs either.
 BWD_VARIANTS = {"split": ("dq", "dkdv"), "fused": ("stats", "fused")}
-_BWD_VARIANT = ["split"]
 
 
-@contextlib.contextmanager
-def backward_variant(name: str):
-    """Run the backward with another schedule from ``BWD_VARIANTS`` inside the block (benchmarks, tests). The
-    schedule is read when the backward runs: ``.backward()`` must be called inside the block."""
-    if name not in BWD_VARIANTS:
-        raise ValueError(f"backward variant {name!r} is unknown; known: {sorted(BWD_VARIANTS)}")
-    previous = _BWD_VARIANT[0]
-    _BWD_VARIANT[0] = name
-    try:
-        yield
-    finally:
-        _BWD_VARIANT[0] = previous
+_BWD_SCHEDULES = Schedules("backward variant", BWD_VARIANTS, "split")
+# ``with backward_variant(name):`` runs the backward with another schedule of BWD_VARIANTS (benchmarks, tests); the
+# schedule is read when the backward runs, so ``.backward()`` must be called inside the block
+backward_variant = _BWD_SCHEDULES.use
 
 
 def _backward(do, q, k, v, o, counts, stats, seg, mode, reweight, power):
@@ -597,7 +588,7 @@ def _backward(do, q, k, v, o, counts, stats, seg, mode, reweight, power):
     dv = torch.zeros_like(v)
     if Sq == 0 or Skv == 0:
         return torch.zeros_like(q), dk, dv
-    rows_kind, keys_kind = BWD_VARIANTS[_BWD_VARIANT[0]]
+    rows_kind, keys_kind = _BWD_SCHEDULES.current
     fused = keys_kind == "fused"
     # split: the dq kernel writes dq; fused: the dK/dV kernel adds it into fp32 zeros (cast once at the end)
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if fused else torch.empty_like(q)
