@@ -47,13 +47,10 @@ import hf_longctx as lc
 from hf_longctx.config import KV_POLICIES, KVEviction
 from hf_longctx.eval import PASSKEY_DEPTHS, passkey_accuracy, report
 from hf_longctx.eval.perplexity import heldout_windows
+from _common import comma_list
 from streaming_generation import stream_nll
 
 FULL = "full cache"
-
-
-def _list(cast):
-    return lambda text: [cast(item) for item in text.split(",") if item.strip()]
 
 
 def configurations(args) -> list[tuple[str, int | None]]:
@@ -152,10 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: a 256-token context, few samples")
     parser.add_argument("--model", default="model_cards/longctx-target-20m")
     parser.add_argument("--rope", default="yarn:4", help="rope feature patched in every configuration ('none': off)")
-    parser.add_argument("--contexts", type=_list(int), default=None, help="context lengths in tokens (2048)")
-    parser.add_argument("--budgets", type=_list(int), default=None, help="tokens kept per layer (128,256,512)")
-    parser.add_argument("--policies", type=_list(str), default=list(KV_POLICIES), help="subset of the policies")
-    parser.add_argument("--depths", type=_list(float), default=None, help="passkey depths (0,0.25,0.5,0.75,1)")
+    parser.add_argument("--contexts", type=comma_list(int), default=None, help="context lengths in tokens (2048)")
+    parser.add_argument("--budgets", type=comma_list(int), default=None, help="tokens kept per layer (128,256,512)")
+    parser.add_argument("--policies", type=comma_list(str), default=list(KV_POLICIES), help="subset of the policies")
+    parser.add_argument("--depths", type=comma_list(float), default=None, help="passkey depths (0,0.25,0.5,0.75,1)")
     parser.add_argument("--passkey-samples", type=int, default=None, help="prompts per depth (4)")
     parser.add_argument("--ppl-samples", type=int, default=None, help="held-out windows (4)")
     parser.add_argument("--chunk", type=int, default=None, help="tokens per forward when reading a window (128)")

@@ -19,16 +19,16 @@ that would start past ``--budget-s`` are skipped and listed as such.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
-import traceback
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sink_attention import D, DTYPE, H, H_KV, SINK, WINDOW, versions, visible_pairs  # noqa: E402
+from _common import (GuardedParts, append_csv, median_ms, random_qkv, run_info, start_csv,  # noqa: E402
+                     write_markdown)
+from sink_attention import D, DTYPE, H, H_KV, SINK, WINDOW, visible_pairs  # noqa: E402
 
 # Floors from NOTES-sink-kernel.md (work / ceilings of the project H100: 800 TFLOP/s, 3.0 TB/s)
 FLOOR_MS = {("fwd", 32768): 2.65, ("fwd", 131072): 11.2, ("decode", 32768): 0.0058, ("decode", 131072): 0.0058}
@@ -36,18 +36,6 @@ BAR_MS = {("fwd", 32768): 4.2, ("fwd", 131072): 16.3}  # the issue's bars in ms 
 # Variants in timing order: the most promising first, so that a time limit only loses the rest.
 DEFAULT_VARIANTS = ["default", "fused", "fused-m256", "grouped", "fused-tma", "fused-tma-m256", "fused-grouped",
                     "fused-tma-grouped"]
-
-
-class Log:
-    def __init__(self, out_dir):
-        os.makedirs(out_dir, exist_ok=True)
-        self.path = os.path.join(out_dir, "sink_variants.log")
-        self.f = open(self.path, "a")
-
-    def __call__(self, msg):
-        print(msg, flush=True)
-        self.f.write(msg + "\n")
-        self.f.flush()
 
 
 def main(argv=None):
@@ -80,20 +68,15 @@ def main(argv=None):
             return full_space(kind, head_dim_p)
         sw._configs = one_config
 
-    t0 = time.time()
-    log = Log(args.out)
-    info = versions() if not args.smoke else {"device": "cpu (interpreter smoke run)", "torch": torch.__version__,
-                                               "triton": "interpreter", "transformers": "n/a"}
+    parts = GuardedParts(args.out, "sink_variants", args.budget_s, traceback_limit=3)
+    log, over_budget, guarded = parts.log, parts.over_budget, parts.guarded
+    info = run_info(args.smoke)
     log(f"# {info}")
     rows: list[dict] = []
-    skipped: list[str] = []
     fields = ["device", "torch", "triton", "transformers", "mode", "seq_q", "seq_kv", "provider", "median_ms",
               "tflops", "gbps", "floor_ms", "bar_ms", "check", "note"]
     csv_path = os.path.join(args.out, "sink_variants.csv")
-    new_csv = not os.path.exists(csv_path)
-    with open(csv_path, "a", newline="") as f:
-        if new_csv:
-            csv.DictWriter(f, fieldnames=fields).writeheader()
+    start_csv(csv_path, fields)
 
     def record(mode, sq, skv, provider, ms, flops=None, nbytes=None, check="", note=""):
         row = dict(info, mode=mode, seq_q=sq, seq_kv=skv, provider=provider,
@@ -102,37 +85,12 @@ def main(argv=None):
                    gbps=None if ms is None or not nbytes else round(nbytes / ms / 1e6, 1),
                    floor_ms=FLOOR_MS.get((mode, skv)), bar_ms=BAR_MS.get((mode, skv)), check=check, note=note)
         rows.append(row)
-        with open(csv_path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=fields).writerow(row)
+        append_csv(csv_path, fields, row)
         log(f"  {mode:6s} S={skv:>6} {provider:22s} {row['median_ms']} ms  {row['tflops']} TFLOP/s  "
             f"{row['gbps']} GB/s  {check} {note}")
 
-    def over_budget(part):
-        if time.time() - t0 > args.budget_s:
-            skipped.append(part)
-            log(f"skipped (budget): {part}")
-            return True
-        return False
-
-    def guarded(part, fn):
-        try:
-            return fn()
-        except Exception as exc:
-            log(f"FAILED {part}: {type(exc).__name__}: {str(exc)[:400]}")
-            log(traceback.format_exc(limit=3))
-            torch.cuda.empty_cache()
-            return None
-
     def time_ms(fn):
-        fn()  # compile / autotune outside the timing
-        if args.smoke:
-            t = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t) * 1e3
-        from triton.testing import do_bench
-
-        torch.cuda.synchronize()
-        return do_bench(fn, warmup=10, rep=100, return_mode="median")
+        return median_ms(fn, args.smoke, warmup=10, rep=100)
 
     flex = create_block_mask = None
     if not args.skip_flex and not args.smoke:
@@ -147,10 +105,7 @@ def main(argv=None):
     for S in [int(x) for x in args.seqs.split(",") if x]:
         if over_budget(f"fwd S={S}"):
             continue
-        gen = torch.Generator(device=dev).manual_seed(S)
-        q = torch.randn(1, H, S, D, device=dev, dtype=DTYPE, generator=gen)
-        k = torch.randn(1, H_KV, S, D, device=dev, dtype=DTYPE, generator=gen)
-        v = torch.randn(1, H_KV, S, D, device=dev, dtype=DTYPE, generator=gen)
+        q, k, v = random_qkv(S, S, H, H_KV, D, dev, DTYPE, seed=S)
         flops = visible_pairs(S, S, SINK, WINDOW) * 4 * D * H
         dense_flops = S * (S + 1) // 2 * 4 * D * H
 
@@ -205,17 +160,14 @@ def main(argv=None):
             guarded(f"sdpa-cudnn S={S}", run_cudnn)
         del q, k, v, base
         torch.cuda.empty_cache()
-        write_md(args.out, info, rows, skipped)
+        write_md(args.out, info, rows, parts.skipped)
 
     for S in [int(x) for x in args.decode.split(",") if x]:
         if over_budget(f"decode S={S}"):
             continue
 
         def run_decode(S=S):
-            gen = torch.Generator(device=dev).manual_seed(S + 1)
-            q = torch.randn(1, H, 1, D, device=dev, dtype=DTYPE, generator=gen)
-            k = torch.randn(1, H_KV, S, D, device=dev, dtype=DTYPE, generator=gen)
-            v = torch.randn(1, H_KV, S, D, device=dev, dtype=DTYPE, generator=gen)
+            q, k, v = random_qkv(1, S, H, H_KV, D, dev, DTYPE, seed=S + 1)
             seen = visible_pairs(1, S, SINK, WINDOW)
             kv_bytes = 2 * H_KV * D * 2
             calls = {
@@ -241,8 +193,8 @@ def main(argv=None):
         torch.cuda.empty_cache()
 
     log(f"autotuned: {sw.tuned_configs()}")
-    log(f"total {time.time() - t0:.0f} s")
-    md = write_md(args.out, info, rows, skipped)
+    log(f"total {time.time() - parts.started:.0f} s")
+    md = write_md(args.out, info, rows, parts.skipped)
     print(md)
     return 0
 
@@ -260,12 +212,7 @@ def write_md(out_dir, info, rows, skipped) -> str:
             meets = "yes" if r["median_ms"] <= r["bar_ms"] else "NO"
         lines.append(f"| {r['mode']} | {r['seq_kv']} | {r['provider']} | {r['median_ms']} | {r['tflops']} | "
                      f"{r['gbps']} | {r['floor_ms']} | {r['bar_ms'] or ''} | {meets} | {r['check']} | {r['note']} |")
-    if skipped:
-        lines += ["", "Skipped (time budget): " + ", ".join(skipped)]
-    md = "\n".join(lines) + "\n"
-    with open(os.path.join(out_dir, "sink_variants.md"), "w") as f:
-        f.write(md)
-    return md
+    return write_markdown(os.path.join(out_dir, "sink_variants.md"), lines, skipped)
 
 
 if __name__ == "__main__":

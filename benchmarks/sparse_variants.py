@@ -21,13 +21,15 @@ appended as measured) and OUTDIR/sparse_variants.md (rewritten after every lengt
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 import time
-import traceback
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (GuardedParts, append_csv, median_ms, random_qkv, run_info, start_csv,  # noqa: E402
+                     write_markdown)
 
 H, H_KV, D, BLOCK = 32, 8, 128, 128
 # Committed H100 baselines (results/sparse_attention.md, torch 2.11, triton 3.6): cuDNN dense causal and
@@ -40,17 +42,6 @@ DEFAULT_VARIANTS = ["default", "prefetch", "prefetch-tma", "prefetch-grouped", "
 SMOKE = {"H": 4, "H_KV": 2, "D": 32, "BLOCK": 16, "seqs": "112", "density": 0.3}
 FIELDS = ["device", "torch", "triton", "transformers", "seq", "provider", "median_ms", "tflops", "density",
           "vs_default", "total_ms", "bars", "check", "note"]
-
-
-class Log:
-    def __init__(self, out_dir):
-        os.makedirs(out_dir, exist_ok=True)
-        self.f = open(os.path.join(out_dir, "sparse_variants.log"), "a")
-
-    def __call__(self, msg):
-        print(msg, flush=True)
-        self.f.write(msg + "\n")
-        self.f.flush()
 
 
 def bar_text(S: int, total_ms: float | None) -> str:
@@ -100,22 +91,13 @@ def main(argv=None):
         variants.remove("default")
     variants.insert(0, "default")
 
-    t0 = time.time()
-    log = Log(args.out)
-    if args.smoke:
-        info = {"device": "cpu (interpreter smoke run)", "torch": torch.__version__, "triton": "interpreter",
-                "transformers": "n/a"}
-    else:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from sink_attention import versions
-        info = versions()
+    parts = GuardedParts(args.out, "sparse_variants", args.budget_s, traceback_limit=4)
+    log, over_budget, guarded = parts.log, parts.over_budget, parts.guarded
+    info = run_info(args.smoke)
     log(f"# {info}; variants {variants}; budget {args.budget_s} s")
     rows: list[dict] = []
-    skipped: list[str] = []
     csv_path = os.path.join(args.out, "sparse_variants.csv")
-    if not os.path.exists(csv_path):
-        with open(csv_path, "w", newline="") as f:
-            csv.DictWriter(f, fieldnames=FIELDS).writeheader()
+    start_csv(csv_path, FIELDS)
 
     def record(S, provider, ms, flops=None, dens=None, vs_default=None, total=None, check="", note=""):
         row = dict(info, seq=S, provider=provider, median_ms=None if ms is None else round(ms, 4),
@@ -125,45 +107,17 @@ def main(argv=None):
                    total_ms=None if total is None else round(total, 3), bars=bar_text(S, total), check=check,
                    note=note)
         rows.append(row)
-        with open(csv_path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=FIELDS).writerow(row)
+        append_csv(csv_path, FIELDS, row)
         log(f"  S={S:>6} {provider:28s} {row['median_ms']} ms {row['tflops']} TFLOP/s  x{row['vs_default']} "
             f"total {row['total_ms']}  {row['bars']}  {check} {note}")
 
-    def over_budget(part):
-        if time.time() - t0 > args.budget_s:
-            skipped.append(part)
-            log(f"skipped (budget): {part}")
-            return True
-        return False
-
-    def guarded(part, fn):
-        try:
-            return fn()
-        except Exception as exc:
-            log(f"FAILED {part}: {type(exc).__name__}: {str(exc)[:400]}")
-            log(traceback.format_exc(limit=4))
-            if dev == "cuda":
-                torch.cuda.empty_cache()
-            return None
-
     def time_ms(fn, S):
-        fn()  # compile outside the timing
-        if args.smoke:
-            t = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t) * 1e3
-        from triton.testing import do_bench
-
-        torch.cuda.synchronize()
-        return do_bench(fn, warmup=25 if S < 100000 else 5, rep=200 if S < 100000 else 600, return_mode="median")
+        return median_ms(fn, args.smoke, warmup=25 if S < 100000 else 5, rep=200 if S < 100000 else 600)
 
     def run_length(S):
         """Estimation, then every variant (checked, timed), then optionally the dense kernel, at length S."""
-        gen = torch.Generator(device=dev).manual_seed(S)  # the data of benchmarks/sparse_attention.py
-        q = torch.randn(1, heads, S, dim, device=dev, dtype=dtype, generator=gen)
-        k = torch.randn(1, kv_heads, S, dim, device=dev, dtype=dtype, generator=gen)
-        v = torch.randn(1, kv_heads, S, dim, device=dev, dtype=dtype, generator=gen)
+        # the data of benchmarks/sparse_attention.py
+        q, k, v = random_qkv(S, S, heads, kv_heads, dim, dev, dtype, seed=S)
         n = -(-S // block)
         causal_blocks = heads * n * (n + 1) / 2
         dense_flops = 2.0 * S * (S + 1) * dim * heads
@@ -240,10 +194,10 @@ def main(argv=None):
         guarded(f"S={S}", lambda S=S: run_length(S))
         if dev == "cuda":
             torch.cuda.empty_cache()
-        write_md(args.out, info, rows, skipped, density)
+        write_md(args.out, info, rows, parts.skipped, density)
 
-    log(f"total {time.time() - t0:.0f} s")
-    md = write_md(args.out, info, rows, skipped, density)
+    log(f"total {time.time() - parts.started:.0f} s")
+    md = write_md(args.out, info, rows, parts.skipped, density)
     print(md)
     return 0
 
@@ -261,12 +215,7 @@ def write_md(out_dir, info, rows, skipped, density) -> str:
         lines.append(f"| {r['seq']} | {r['provider']} | {r['median_ms']} | {r['tflops'] or ''} | "
                      f"{r['density'] or ''} | {r['vs_default'] or ''} | {r['total_ms'] or ''} | {r['bars']} | "
                      f"{r['check']} | {r['note']} |")
-    if skipped:
-        lines += ["", "Skipped (time budget): " + ", ".join(skipped)]
-    md = "\n".join(lines) + "\n"
-    with open(os.path.join(out_dir, "sparse_variants.md"), "w") as f:
-        f.write(md)
-    return md
+    return write_markdown(os.path.join(out_dir, "sparse_variants.md"), lines, skipped)
 
 
 if __name__ == "__main__":
