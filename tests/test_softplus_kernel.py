@@ -57,18 +57,24 @@ def test_matches_reference(reweight, shape):
     assert_match(got, expected, 1e-4)
 
 
-@pytest.mark.parametrize("reweight", [False, True])
-def test_padding_and_packed_sequences(reweight):
-    q, k, v = inputs(2, 4, 2, 29, 29, 32, seed=1)
+def padded_and_packed(seed):
+    """(q, k, v) of 2 x 29 tokens and the masks to test on them: a padding mask (row 0 left-padded by 6, row 1
+    right-padded by 9) and packed sequences (segment ids restarting inside each row)."""
     valid = torch.ones(2, 29, dtype=torch.bool)
     valid[0, :6] = False
     valid[1, 20:] = False
-    got, expected = run_both(q, k, v, reweight=reweight, kv_valid=valid)
-    assert_match(got, expected, 1e-4)
-    assert torch.equal(got[0][0, :, :6], torch.zeros_like(got[0][0, :, :6]))
     segments = torch.tensor([[0] * 10 + [1] * 12 + [2] * 7, [0] * 3 + [1] * 26])
-    got, expected = run_both(q, k, v, reweight=reweight, segment_ids=segments)
-    assert_match(got, expected, 1e-4)
+    return inputs(2, 4, 2, 29, 29, 32, seed=seed), [dict(kv_valid=valid), dict(segment_ids=segments)]
+
+
+@pytest.mark.parametrize("reweight", [False, True])
+def test_padding_and_packed_sequences(reweight):
+    (q, k, v), masks = padded_and_packed(seed=1)
+    for mask in masks:
+        got, expected = run_both(q, k, v, reweight=reweight, **mask)
+        assert_match(got, expected, 1e-4)
+        if "kv_valid" in mask:  # the left-padded query rows see no key: zeros
+            assert torch.equal(got[0][0, :, :6], torch.zeros_like(got[0][0, :, :6]))
 
 
 @pytest.mark.parametrize("reweight", [False, True])
@@ -158,13 +164,9 @@ def test_fused_backward(reweight, shape):
 
 @pytest.mark.parametrize("reweight", [False, True])
 def test_fused_backward_padding_and_packed_sequences(reweight):
-    q, k, v = inputs(2, 4, 2, 29, 29, 32, seed=12)
-    valid = torch.ones(2, 29, dtype=torch.bool)
-    valid[0, :6] = False
-    valid[1, 20:] = False
-    assert_fused_matches(q, k, v, reweight=reweight, kv_valid=valid)
-    segments = torch.tensor([[0] * 10 + [1] * 12 + [2] * 7, [0] * 3 + [1] * 26])
-    assert_fused_matches(q, k, v, reweight=reweight, segment_ids=segments)
+    (q, k, v), masks = padded_and_packed(seed=12)
+    for mask in masks:
+        assert_fused_matches(q, k, v, reweight=reweight, **mask)
 
 
 @pytest.mark.parametrize("blocks", gpu_blocks(("fused",)), ids=lambda b: f"{b[0]}x{b[1]}")

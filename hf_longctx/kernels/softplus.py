@@ -312,6 +312,20 @@ if triton is not None:
                 dq = tl.dot(dx.to(DOT_T), k.to(DOT_T), dq, input_precision=DOT_PREC)
         return dq, gamma
 
+    @triton.jit
+    def _dq_keys(dq, gamma, q, do, k_base, v_base, stride_kn, stride_vn, full_end, kend, rows, k_lo, k_hi,
+                 inv_z, n_i, o_i, inv_peak, inv_s, delta, GAMMA_PASS: tl.constexpr, REWEIGHT: tl.constexpr,
+                 POWER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 DOT_T: tl.constexpr, DOT_PREC: tl.constexpr):
+        """:func:`_dq_pass` over all keys of a query block: the full key blocks [k_lo, full_end) unmasked, then
+        [full_end, kend) with the causal / segment mask."""
+        dq, gamma = _dq_pass(dq, gamma, q, do, k_base, v_base, stride_kn, stride_vn, k_lo, full_end, rows, k_lo, k_hi,
+                             inv_z, n_i, o_i, inv_peak, inv_s, delta, GAMMA_PASS, REWEIGHT, POWER, False, BLOCK_N,
+                             BLOCK_D, HEAD_DIM, DOT_T, DOT_PREC)
+        return _dq_pass(dq, gamma, q, do, k_base, v_base, stride_kn, stride_vn, full_end, kend, rows, k_lo, k_hi,
+                        inv_z, n_i, o_i, inv_peak, inv_s, delta, GAMMA_PASS, REWEIGHT, POWER, True, BLOCK_N, BLOCK_D,
+                        HEAD_DIM, DOT_T, DOT_PREC)
+
     @triton.jit(do_not_specialize=["B", "H", "G", "Sq", "Skv", "SQ_BUCKET"])
     def _bwd_dq_kernel(Q, K, V, O, DO, STATS, NQ, DELTA, DQ, SEG, WORK,
                        stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
@@ -354,19 +368,13 @@ if triton is not None:
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         gamma = tl.zeros([BLOCK_M], dtype=tl.float32)
         if REWEIGHT:
-            dq, gamma = _dq_pass(dq, gamma, q, do, k_base, v_base, stride_ks, stride_vs, k_lo, full_end, rows, k_lo,
-                                 k_hi, inv_z, n_i, o_i, inv_peak, inv_s, delta, True, REWEIGHT, POWER, False,
-                                 BLOCK_N, BLOCK_D, HEAD_DIM, DOT_T, DOT_PREC)
-            dq, gamma = _dq_pass(dq, gamma, q, do, k_base, v_base, stride_ks, stride_vs, full_end, kend, rows, k_lo,
-                                 k_hi, inv_z, n_i, o_i, inv_peak, inv_s, delta, True, REWEIGHT, POWER, True,
-                                 BLOCK_N, BLOCK_D, HEAD_DIM, DOT_T, DOT_PREC)
+            dq, gamma = _dq_keys(dq, gamma, q, do, k_base, v_base, stride_ks, stride_vs, full_end, kend, rows, k_lo,
+                                 k_hi, inv_z, n_i, o_i, inv_peak, inv_s, delta, True, REWEIGHT, POWER, BLOCK_N,
+                                 BLOCK_D, HEAD_DIM, DOT_T, DOT_PREC)
         if WITH_DQ:
-            dq, gamma = _dq_pass(dq, gamma, q, do, k_base, v_base, stride_ks, stride_vs, k_lo, full_end, rows, k_lo,
-                                 k_hi, inv_z, n_i, o_i, inv_peak, inv_s, delta, False, REWEIGHT, POWER, False,
-                                 BLOCK_N, BLOCK_D, HEAD_DIM, DOT_T, DOT_PREC)
-            dq, gamma = _dq_pass(dq, gamma, q, do, k_base, v_base, stride_ks, stride_vs, full_end, kend, rows, k_lo,
-                                 k_hi, inv_z, n_i, o_i, inv_peak, inv_s, delta, False, REWEIGHT, POWER, True,
-                                 BLOCK_N, BLOCK_D, HEAD_DIM, DOT_T, DOT_PREC)
+            dq, gamma = _dq_keys(dq, gamma, q, do, k_base, v_base, stride_ks, stride_vs, full_end, kend, rows, k_lo,
+                                 k_hi, inv_z, n_i, o_i, inv_peak, inv_s, delta, False, REWEIGHT, POWER, BLOCK_N,
+                                 BLOCK_D, HEAD_DIM, DOT_T, DOT_PREC)
             tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + tile * stride_dqs + offs_d[None, :],
                      dq.to(DQ.dtype.element_ty), mask=tile_ok)
         tl.store(DELTA + stat, delta, mask=row_ok)
