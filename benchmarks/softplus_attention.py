@@ -167,9 +167,9 @@ def write_table(out_dir, header, results):
         for provider in sorted({key[1] for key in results if key[0] == seq and "@" in key[1]}):
             fwd = t(provider.split("@")[0], "fwd")
             total = t(provider, "fwd+bwd")
-            if fwd and total:
-                lines.append(f"- S={seq}: {provider} bwd / fwd (<= 2.5): {_bwd(total, fwd) / fwd:.2f} "
-                             f"(bwd {total - fwd:.3f} ms)")
+            bwd = _bwd(total, fwd)
+            if fwd and bwd is not None:
+                lines.append(f"- S={seq}: {provider} bwd / fwd (<= 2.5): {bwd / fwd:.2f} (bwd {bwd:.3f} ms)")
     table = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "softplus_attention.md"), "w") as f:
         f.write(table)
