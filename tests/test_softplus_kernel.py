@@ -185,9 +185,25 @@ def test_backward_variant_selection():
     with pytest.raises(ValueError, match="backward variant"):
         with sp.backward_variant("nope"):
             pass
-    with sp.backward_variant("fused"):
-        assert sp._BWD_SCHEDULES.name == "fused"
-    assert sp._BWD_SCHEDULES.name == "split"  # the default is restored
+    with sp.backward_variant("split"):
+        assert sp._BWD_SCHEDULES.name == "split"
+    assert sp._BWD_SCHEDULES.name == "fused"  # the default is restored
+
+
+def test_deterministic_mode_runs_split(monkeypatch):
+    """The default (fused) backward adds dq by atomics; under torch.use_deterministic_algorithms(True) the backward
+    launches the split schedule's kernels instead."""
+    launched = []
+    run = sp._run
+    monkeypatch.setattr(sp, "_run", lambda kind, *args: (launched.append(kind), run(kind, *args)))
+    q, k, v = inputs(1, 2, 1, 20, 20, 32, seed=5)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(q.device, q.dtype)
+    out_and_grads(sp.softplus_attention_triton, q, k, v, grad)
+    assert launched[1:] == ["stats", "fused"]
+    launched.clear()
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    out_and_grads(sp.softplus_attention_triton, q, k, v, grad)
+    assert launched[1:] == ["dq", "dkdv"]
 
 
 if sp.triton is not None:

@@ -76,7 +76,7 @@ def test_columns_have_no_backward_and_bad_input():
 
 # Forward schedules (bsp.FWD_VARIANTS): each must give the reference's output and LSE. The backward does not depend
 # on the variant (it reads the forward's output and LSE, checked here and once through autograd below).
-VARIANTS = sorted(set(bsp.FWD_VARIANTS) - {"default"})
+VARIANTS = sorted(bsp.FWD_VARIANTS)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -108,7 +108,7 @@ def test_forward_variant_errors():
     with pytest.raises(ValueError, match="forward variant"):
         with bsp.forward_variant("nope"):
             pass
-    assert bsp._FWD_SCHEDULES.name == "default"
+    assert bsp._FWD_SCHEDULES.name == "prefetch"
     assert bsp._variant_stages(3, 128, 128, 2) == 3 and bsp._variant_stages(3, 128, 256, 2) == 2
 
 

@@ -27,7 +27,7 @@ sigmoid is a polynomial in the same t (no divide). See benchmarks/NOTES-softplus
   [BLOCK_N, BLOCK_M] computed as k q^T and v dO^T, so no computed tile is transposed before a tl.dot: that
   pattern (tl.trans of an MMA result, lowered through a #linear layout to wgmma) gave a wrong dK on the H100
   with triton 3.6 (issue 8; the interpreter does not reproduce it). That is the "split" schedule of
-  ``BWD_VARIANTS``; "fused" (:func:`backward_variant`) runs ``_bwd_dq_kernel`` for delta / gamma only, then
+  ``BWD_VARIANTS``; "fused" (the default; :func:`backward_variant` picks either) runs ``_bwd_dq_kernel`` for delta / gamma only, then
   ``_bwd_dkdv_kernel`` with ``FUSED_DQ``, which also adds dq^T = k^T dX^T into a zeroed fp32 buffer by atomics
   (5 matmuls per score element instead of 7; the computed dX^T is a dot operand untransposed).
 
@@ -579,11 +579,13 @@ def _forward(q, k, v, counts, seg, mode, reweight, power):
 #          7 matmuls per score element (LSSAR 9), two elementwise passes
 #   fused: _bwd_dq_kernel computes only delta (LSSAR: and gamma, 2 matmuls), then _bwd_dkdv_kernel writes dK/dV
 #          and adds dq into an fp32 buffer by atomics: 5 matmuls (LSSAR 7), one elementwise pass for dq/dK/dV
-# "split" stays the default until a GPU measurement picks; every mode (dense, padding, packed) runs either.
+# "fused" is the default: faster on the H100 in every measured case (results/softplus_attention.md: 4-10%), but its
+# fp32 atomics make dq run-to-run nondeterministic, so under torch.use_deterministic_algorithms(True) the backward
+# runs "split". Every mode (dense, padding, packed) runs either.
 BWD_VARIANTS = {"split": ("dq", "dkdv"), "fused": ("stats", "fused")}
 
 
-_BWD_SCHEDULES = Schedules("backward variant", BWD_VARIANTS, "split")
+_BWD_SCHEDULES = Schedules("backward variant", BWD_VARIANTS, "fused")
 # ``with backward_variant(name):`` runs the backward with another schedule of BWD_VARIANTS (benchmarks, tests); the
 # schedule is read when the backward runs, so ``.backward()`` must be called inside the block
 backward_variant = _BWD_SCHEDULES.use
@@ -596,7 +598,8 @@ def _backward(do, q, k, v, o, counts, stats, seg, mode, reweight, power):
     dv = torch.zeros_like(v)
     if Sq == 0 or Skv == 0:
         return torch.zeros_like(q), dk, dv
-    rows_kind, keys_kind = _BWD_SCHEDULES.current
+    rows_kind, keys_kind = BWD_VARIANTS["split"] if torch.are_deterministic_algorithms_enabled() \
+        else _BWD_SCHEDULES.current
     fused = keys_kind == "fused"
     # split: the dq kernel writes dq; fused: the dK/dV kernel adds it into fp32 zeros (cast once at the end)
     dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if fused else torch.empty_like(q)
