@@ -20,7 +20,7 @@ want tests && part tests 240 "$PY" -m pytest tests/test_softplus_kernel.py -m cu
 want bench && HF_LONGCTX_AUTOTUNE=0 part bench 150 "$PY" benchmarks/softplus_attention.py --out "$OUT/bench" \
     --seqs 8192,32768 --bwd-variants split,fused
 if want extrapolation; then
-    STEPS=${STEPS:-500} MAX_MINUTES=${MAX_MINUTES:-1.0} part extrapolation 330 \
+    STEPS=${STEPS:-500} MAX_MINUTES=${MAX_MINUTES:-2.0} part extrapolation 330 \
         bash recipes/softplus_extrapolation.sh "$OUT/models" "$OUT/softplus_extrapolation"
     rm -f "$OUT/models/tokens.pt" "$OUT"/models/{softmax,lssa}/model.safetensors  # keep the LSSAR folder only
 fi

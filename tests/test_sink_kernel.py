@@ -237,6 +237,43 @@ def test_padding_spans(q_len):
     _run_case(3, 2, 1, q_len, 45, 32, 3, 9, {}, kv_valid=_padding_mask())
 
 
+def _holes_mask():
+    """Padding with holes (speculative decoding's rejected draft slots): left padding then holes, holes inside
+    the sinks, a row without holes, and a row whose window spans many holes."""
+    valid = torch.ones(4, 90, dtype=torch.bool)
+    valid[0, :6] = False
+    valid[0, 40:43] = False
+    valid[0, 80:82] = False
+    valid[1, 1:3] = False
+    valid[3, 20:70:2] = False
+    return valid
+
+
+@pytest.mark.parametrize("q_len", [1, 5])
+@pytest.mark.parametrize("sink, window", [(0, None), (3, 9), (4, 30)])
+def test_decode_with_holes(monkeypatch, q_len, sink, window):
+    """The decode path with holes in kv_valid (no gradient) against the reference; several splits per row."""
+    monkeypatch.setitem(sw.INTERPRET_BLOCKS, "split_min_keys", 16)
+    valid = _holes_mask()
+    q, k, v = (t.detach() for t in make_inputs(4, 4, 2, q_len, 90, 32, seed=q_len))
+    kw = dict(sink_tokens=sink, window=window, kv_valid=valid, softcap=2.0 if sink == 3 else None)
+    with torch.no_grad():
+        out, lse = sw.sink_window_attention_triton(q, k, v, return_lse=True, **kw)
+    ref, ref_lse = reference.sink_window_attention(q, k, v, return_lse=True, **kw)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=2e-5)
+
+
+def test_holes_outside_decode_raise():
+    valid = _holes_mask()
+    q, k, v = make_inputs(4, 4, 2, 5, 90, 32)
+    with pytest.raises(ValueError, match="holes.*no gradient"):
+        sw.sink_window_attention_triton(q, k, v, sink_tokens=0, window=None, kv_valid=valid)
+    q, k, v = (t.detach() for t in make_inputs(4, 4, 2, 40, 90, 32))
+    with pytest.raises(ValueError, match="holes.*at most"):
+        sw.sink_window_attention_triton(q, k, v, sink_tokens=0, window=None, kv_valid=valid)
+
+
 def test_padding_s_aux():
     _run_case(3, 2, 1, 45, 45, 32, 3, 9, {}, s_aux=True, kv_valid=_padding_mask())
 
@@ -416,6 +453,25 @@ def test_cuda_decode():
     _gpu_compare(2, 32, 8, 1, 20000, 128, 128, 4096)
     _gpu_compare(1, 32, 8, 1, 5000, 128, 4, None, backward=False)
     _gpu_compare(1, 32, 8, 8, 9000, 128, 128, 4096)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("q_len", [1, 5])
+def test_cuda_decode_with_holes(q_len):
+    """Holes in kv_valid on the decode path (32K keys, GQA 4, bf16) against the fp32 reference: dense, and the
+    sink + window view that self-speculation drafts through."""
+    S = 32768
+    valid = torch.ones(4, S, dtype=torch.bool, device="cuda")
+    valid[0, :100] = False
+    valid[:, 20000:30000:7] = False
+    valid[2, S - 40:S - 20:3] = False
+    q, k, v = (t.detach() for t in make_inputs(4, 32, 8, q_len, S, 128, torch.bfloat16, device="cuda", seed=q_len))
+    for sink, window in [(0, None), (4, 1020)]:
+        with torch.no_grad():
+            out = sw.sink_window_attention_triton(q, k, v, sink_tokens=sink, window=window, kv_valid=valid)
+        ref = reference.sink_window_attention(q.float(), k.float(), v.float(), sink_tokens=sink, window=window,
+                                              kv_valid=valid)
+        assert _err(out, ref)[0] < 2e-2, (sink, window, _err(out, ref))
 
 
 @pytest.mark.cuda

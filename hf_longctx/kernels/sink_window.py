@@ -33,7 +33,10 @@ Masks (``kv_valid``, ``segment_ids``) become *segments* on the host: each segmen
 query range [q_lo, q_hi) and a span of valid keys [k_lo, k_hi) (absolute indices along Skv). The
 logical index of a key is ``j - k_lo``; that of a query is ``clamp(i - k_lo, 0, k_hi - k_lo)`` (the
 number of valid keys before it). Modes: 0 = no mask; 1 = one span per batch row (padding);
-2 = packed sequences (a work table maps programs to (segment, block)).
+2 = packed sequences (a work table maps programs to (segment, block)). The decode path also takes a mode-1
+mask with holes (speculative decoding leaves its rejected draft slots as holes): the span is then the
+envelope of the real keys, and each slot's logical index (-1 for a hole) and the slot bounds of the sinks and
+the window come from :func:`_hole_layout`.
 
 Contract: bf16 / fp16 on CUDA (fp32 accumulation; fp32 inputs only under the interpreter), head dims
 ``SUPPORTED_HEAD_DIMS``; anything unsupported raises ValueError naming the parameter (see
@@ -68,6 +71,7 @@ __all__ = [
     "unsupported_reason",
     "kv_valid_to_spans",
     "segment_table",
+    "takes_holes",
     "sink_window_attention_triton",
     "sink_window_attention_segments",
     "tuned_configs",
@@ -412,11 +416,11 @@ if triton is not None:
         tl.store(lse_ptrs, lse, mask=row_ok)
 
     @triton.jit(do_not_specialize=["H", "Hkv", "G", "Sq", "Skv", "NSPLIT", "SINK", "WINDOW"])
-    def _fwd_split_kernel(Q, K, V, OP, LP, SEG, O, LSE, S_AUX,
+    def _fwd_split_kernel(Q, K, V, OP, LP, SEG, KPOS, BOUNDS, O, LSE, S_AUX,
                           stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                           stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
                           H, Hkv, G, Sq, Skv, NSPLIT, SINK, WINDOW, qk_scale, cap_in, cap_out,
-                          DIRECT: tl.constexpr, HAS_SAUX: tl.constexpr,
+                          DIRECT: tl.constexpr, HAS_SAUX: tl.constexpr, HOLES: tl.constexpr,
                           MODE: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, DOT_T: tl.constexpr,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -440,15 +444,19 @@ if triton is not None:
         r_ok = offs_r < G * Sq
         h = hk * G + g
         rows = Skv - Sq + i
-        L = tl.minimum(tl.maximum(rows - k_lo, 0), n_k)
         kmax = tl.minimum(rows + 1, k_hi)
-
-        # the union of the keys seen by the Sq query rows: sinks, then the window
         kend = tl.minimum(Skv, k_hi)
-        sink_end = tl.maximum(tl.minimum(k_lo + SINK, kend), k_lo)
+        # the union of the keys seen by the Sq query rows: sinks, then the window (slot ranges)
+        if HOLES:  # logical indices from KPOS (-1 for a hole), slot bounds from BOUNDS (_hole_layout)
+            L = tl.load(KPOS + b.to(tl.int64) * Skv + rows, mask=r_ok, other=0)
+            sink_end = tl.load(BOUNDS + b * 2)
+            win_lo = tl.maximum(tl.load(BOUNDS + b * 2 + 1), sink_end)
+        else:
+            L = tl.minimum(tl.maximum(rows - k_lo, 0), n_k)
+            sink_end = tl.maximum(tl.minimum(k_lo + SINK, kend), k_lo)
+            L_first = tl.minimum(tl.maximum(Skv - Sq - k_lo, 0), n_k)
+            win_lo = tl.maximum(k_lo + L_first - WINDOW + 1, sink_end)
         n_s = sink_end - k_lo
-        L_first = tl.minimum(tl.maximum(Skv - Sq - k_lo, 0), n_k)
-        win_lo = tl.maximum(k_lo + L_first - WINDOW + 1, sink_end)
         n_w = tl.maximum(kend - win_lo, 0)
         total = n_s + n_w
         chunk = tl.cdiv(tl.cdiv(total, NSPLIT), BLOCK_N) * BLOCK_N
@@ -477,7 +485,10 @@ if triton is not None:
                 s = _tanh(qk * cap_in) * cap_out
             else:
                 s = qk * qk_scale
-            rel = j - k_lo
+            if HOLES:
+                rel = tl.load(KPOS + b64 * Skv + j64, mask=t_ok, other=-1)
+            else:
+                rel = j - k_lo
             vis = (j[None, :] < kmax[:, None]) & (t_ok & (rel >= 0))[None, :] & (
                 (rel < SINK)[None, :] | (L[:, None] - rel[None, :] < WINDOW))
             s = tl.where(vis, s, float("-inf"))
@@ -894,19 +905,56 @@ def kv_valid_to_spans(kv_valid: torch.Tensor, check: bool = True) -> torch.Tenso
     With ``check`` (one host sync), a mask with holes raises ValueError. A row without real tokens
     gets the empty span (0, 0).
     """
+    spans, end = _envelope(kv_valid)
+    if check and not torch.compiler.is_compiling() and bool((spans[:, 1] != end).any()):
+        raise ValueError("kv_valid: each row's real tokens must form one contiguous span (left or right "
+                         "padding); this mask has holes")
+    return spans
+
+
+def _envelope(kv_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """((B, 2) int32 [first real slot, first + number of real tokens), (B,) one past the last real slot); the
+    two ends differ exactly in the rows with holes. Rows without real tokens: (0, 0) and 0."""
     if kv_valid.dim() != 2:
         raise ValueError(f"kv_valid must be (B, Skv), got shape {tuple(kv_valid.shape)}")
-    valid = kv_valid.to(torch.bool)
-    B, S = valid.shape
-    count = valid.sum(dim=1)
-    first = torch.where(count > 0, valid.to(torch.int8).argmax(dim=1), torch.zeros_like(count))
-    if check and not torch.compiler.is_compiling():
-        pos = torch.arange(S, device=valid.device)
-        expect = (pos[None, :] >= first[:, None]) & (pos[None, :] < (first + count)[:, None])
-        if bool((expect != valid).any()):
-            raise ValueError("kv_valid: each row's real tokens must form one contiguous span (left or right "
-                             "padding); this mask has holes")
-    return torch.stack([first, first + count], dim=1).to(torch.int32).contiguous()
+    real = kv_valid.to(torch.int8)
+    count = real.sum(dim=1, dtype=torch.int32)
+    first = torch.where(count > 0, real.argmax(dim=1).to(torch.int32), 0)
+    end = torch.where(count > 0, real.shape[1] - real.flip(1).argmax(dim=1).to(torch.int32), 0)
+    return torch.stack([first, first + count], dim=1).to(torch.int32).contiguous(), end
+
+
+def _hole_layout(kv_valid: torch.Tensor, sink_tokens: int, window: int | None,
+                 q_len: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """The decode path's view of a (B, Skv) padding mask with holes (e.g. the rejected draft slots of speculative
+    decoding). No host sync.
+
+    Returns:
+        spans: (B, 2) int32 [first real slot, last real slot + 1) (the kernel's mode-1 spans).
+        (positions, bounds): (B, Skv) int32 logical index of each slot (real tokens before it; -1 for padding
+            and holes), so sinks and windows count real tokens as the reference does; (B, 2) int32 slot bounds:
+            one past the slot of the ``sink_tokens``-th real token (the span's start without sinks), and the
+            first slot of the first query row's window (the span's start without a window).
+    """
+    spans, end = _envelope(kv_valid)
+    real = kv_valid.to(torch.int32)
+    seen = real.cumsum(dim=1, dtype=torch.int32)  # real tokens up to and including each slot
+    before = seen - real
+    positions = torch.where(kv_valid.to(torch.bool), before, -1).to(torch.int32).contiguous()
+    first = spans[:, 0]
+    B, S = real.shape
+    if sink_tokens > 0:
+        target = torch.full((B, 1), sink_tokens, dtype=torch.int32, device=real.device)
+        sink_end = torch.minimum(torch.searchsorted(seen, target)[:, 0].to(torch.int32) + 1, end)
+    else:
+        sink_end = first
+    if window is not None:
+        lowest = before[:, S - q_len: S - q_len + 1] - window + 1  # the first query row's oldest visible token
+        win_lo = torch.maximum(torch.searchsorted(before, lowest)[:, 0].to(torch.int32), first)
+    else:
+        win_lo = first
+    spans = torch.stack([first, end], dim=1).to(torch.int32).contiguous()
+    return spans, (positions, torch.stack([sink_end, win_lo], dim=1).to(torch.int32).contiguous())
 
 
 def segment_table(segment_ids: torch.Tensor, kv_valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -1048,6 +1096,12 @@ def _use_split(mode: int, Sq: int, G: int) -> bool:
     return mode != 2 and Sq <= _SPLIT_MAX_SQ and G * Sq <= _SPLIT_MAX_ROWS
 
 
+def takes_holes(q_len: int, groups: int) -> bool:
+    """Whether a no-gradient call of ``q_len`` query rows with ``groups`` query heads per KV head runs the decode
+    path, the one that takes a ``kv_valid`` with holes."""
+    return _use_split(1, q_len, groups)
+
+
 _N_SM: dict = {}  # device -> SM count (get_device_properties is slow on the decode path)
 
 
@@ -1067,7 +1121,9 @@ def _split_plan(device, B, Hkv, G, Sq, Skv, sink, window) -> tuple[int, int, int
     return nsplit, block_n, block_r, 4 if block_r <= 64 else 8
 
 
-def _forward(q, k, v, s_aux, seg, mode, sink, window, scale, softcap):
+def _forward(q, k, v, s_aux, seg, mode, sink, window, scale, softcap, holes=None):
+    """The forward launch; ``holes``: None, or (key positions, slot bounds) from :func:`_hole_layout` for a mode-1
+    mask with holes (decode path only: the caller checks :func:`_use_split`)."""
     B, H, Sq, D, Hkv, Skv, BLOCK_D, win, qk_scale, has_cap, cap_in, cap_out, prec = _common(
         q, k, window, scale, softcap)
     sink = 0 if window < 0 else sink
@@ -1086,12 +1142,13 @@ def _forward(q, k, v, s_aux, seg, mode, sink, window, scale, softcap):
         if not direct:
             o_part = torch.empty(B, H, nsplit, Sq, D, device=q.device, dtype=torch.float32)
             l_part = torch.empty(B, H, nsplit, Sq, device=q.device, dtype=torch.float32)
+        kpos, bounds = holes if holes is not None else (seg_t, seg_t)
         _fwd_split_kernel[(nsplit, B * Hkv)](
-            q, k, v, o_part, l_part, seg_t, out, lse, sa_t,
+            q, k, v, o_part, l_part, seg_t, kpos, bounds, out, lse, sa_t,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             H, Hkv, G, Sq, Skv, nsplit, sink, win, qk_scale, cap_in, cap_out,
-            DIRECT=direct, HAS_SAUX=s_aux is not None,
+            DIRECT=direct, HAS_SAUX=s_aux is not None, HOLES=holes is not None,
             MODE=mode, SOFTCAP=has_cap, DOT_PREC=prec[0], DOT_T=prec[1], HEAD_DIM=D, BLOCK_D=BLOCK_D,
             BLOCK_R=block_r, BLOCK_N=block_n, num_warps=warps, num_stages=2)
         if direct:
@@ -1102,6 +1159,8 @@ def _forward(q, k, v, s_aux, seg, mode, sink, window, scale, softcap):
             BLOCK_S=max(2, triton.next_power_of_2(nsplit)), num_warps=4)
         return out, lse
 
+    if holes is not None:
+        raise ValueError("kv_valid with holes: only the decode path (few query rows) takes it")
     blocks = _outer_blocks(BLOCK_D)
     bm = blocks["fwd_m"]
     variant = _FWD_SCHEDULES.name
@@ -1341,10 +1400,12 @@ def sink_window_attention_segments(query, key, value, *, sink_tokens: int, windo
                          return_lse)
 
 
-def _checked_call(query, key, value, sink_tokens, window, scale, softcap, s_aux, kv_spans, segments, return_lse):
+def _checked_call(query, key, value, sink_tokens, window, scale, softcap, s_aux, kv_spans, segments, return_lse,
+                  holes=None):
     """:func:`sink_window_attention_segments` after its input check. Without autograd (no input needs a
     gradient, or grad mode off) and outside torch.compile, the launcher runs without the custom op's
-    dispatch: the decode path's per-call cost is Python, not GPU work."""
+    dispatch: the decode path's per-call cost is Python, not GPU work. ``holes``: see :func:`_hole_layout`
+    (``kv_spans`` then holds its envelope spans)."""
     if kv_spans is not None and segments is not None:
         raise ValueError("give kv_spans or segments, not both (segment_table folds kv_valid in)")
     B, H, Sq, D = query.shape
@@ -1370,10 +1431,15 @@ def _checked_call(query, key, value, sink_tokens, window, scale, softcap, s_aux,
             int(sink_tokens), -1 if window is None else int(window), scale, 0.0 if softcap is None else float(softcap))
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad or (
         s_aux is not None and s_aux.requires_grad))
+    if holes is not None and (needs_grad or torch.compiler.is_compiling() or not takes_holes(Sq, H // key.shape[1])):
+        raise ValueError(
+            f"kv_valid with holes (real tokens not one contiguous span per row) is supported for decoding only: "
+            f"no gradient, not under torch.compile, at most {_SPLIT_MAX_SQ} query rows and G * Sq <= "
+            f"{_SPLIT_MAX_ROWS} (got Sq={Sq}, G={H // key.shape[1]})")
     if needs_grad or torch.compiler.is_compiling():
         out, lse = sink_window_fwd(*args)
     else:
-        out, lse = _forward(*args)
+        out, lse = _forward(*args, holes=holes)
     if not return_lse:
         return out
     # The kernels keep log2 units and +inf for empty rows (so that their backward's exp2(s - lse) is 0).
@@ -1389,8 +1455,9 @@ def sink_window_attention_triton(query, key, value, *, sink_tokens: int, window:
     """Sink + sliding-window causal attention (Triton), same contract as the PyTorch reference.
 
     query (B, H, Sq, D); key, value (B, H_kv, Skv, D); queries are the last Sq of the Skv positions.
-    ``window=None`` (or >= Skv) is dense causal attention. ``kv_valid`` (B, Skv) bool: real tokens,
-    one contiguous span per row (ValueError for holes). ``segment_ids`` (B, Skv): packed sequences
+    ``window=None`` (or >= Skv) is dense causal attention. ``kv_valid`` (B, Skv) bool: real tokens, one
+    contiguous span per row, or, for decoding (no gradient, few query rows: else ValueError), any mask: sinks and
+    windows then count real tokens, holes excluded, as the reference does. ``segment_ids`` (B, Skv): packed sequences
     (Sq == Skv), no attention across segments. ``s_aux`` (H,): learned sink logits (an extra softmax
     term with no value). ``softcap``: s = softcap * tanh(s / softcap). Returns (B, H, Sq, D) in
     query.dtype; differentiable in query, key, value and s_aux. Unsupported input -> ValueError.
@@ -1401,10 +1468,12 @@ def sink_window_attention_triton(query, key, value, *, sink_tokens: int, window:
                                 softcap=softcap, s_aux=s_aux, kv_valid=kv_valid, segment_ids=segment_ids)
     if reason is not None:
         raise ValueError(f"sink_window_attention_triton: {reason}")
-    kv_spans = segments = None
+    kv_spans = segments = holes = None
     if segment_ids is not None:
         segments = segment_table(segment_ids, kv_valid)
     elif kv_valid is not None:
-        kv_spans = kv_valid_to_spans(kv_valid)
+        kv_spans, end = _envelope(kv_valid)
+        if not torch.compiler.is_compiling() and bool((kv_spans[:, 1] != end).any()):  # one host sync
+            kv_spans, holes = _hole_layout(kv_valid, sink_tokens, window, query.shape[2])
     return _checked_call(query, key, value, sink_tokens, window, scale, softcap, s_aux, kv_spans, segments,
-                         return_lse)
+                         return_lse, holes)

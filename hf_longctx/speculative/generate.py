@@ -9,9 +9,10 @@ scores G + 1 positions in one forward over its cache, a verification rule (``ver
 row, and the caches roll back by cropping (a pointer move in a ``LongCtxCache``).
 
 Batch > 1: each row advances by its own accepted count (``sequences``: rows that accepted fewer drafts
-leave holes, masked like padding; nothing is re-padded). Caches with sliding-window or other non-full
-layers (whose windows count slots) keep one accepted length per round instead, the minimum over the active
-rows (``verify.common_acceptance``). Both are exact: greedy output equals plain generate row by row, and
+leave holes, masked like padding; nothing is re-padded; on CUDA the attention kernel's decode path reads
+them). Caches with sliding-window or other non-full layers (whose windows count slots), and CUDA models whose
+verification has more query rows than that path takes (``sink_window.takes_holes``), keep one accepted length
+per round instead, the minimum over the active rows (``verify.common_acceptance``). Both are exact: greedy output equals plain generate row by row, and
 sampling keeps the target's distribution.
 """
 
@@ -158,10 +159,19 @@ def _kv_attention(model: PreTrainedModel) -> Iterator[None]:
         model.set_attn_implementation(previous)
 
 
-def _per_row(model: PreTrainedModel, cache: Cache) -> bool:
+def _per_row(model: PreTrainedModel, cache: Cache, verify_rows: int) -> bool:
     """Whether rows may advance by their own counts: every layer is full attention (windows count slots; a
-    ``LongCtxCache(cuda_graphs=True)`` holds sliding-window layers in ``LongCtxLayer``s too)."""
-    stock = DynamicCache(config=model.config.get_text_config(decoder=True)).layers
+    ``LongCtxCache(cuda_graphs=True)`` holds sliding-window layers in ``LongCtxLayer``s too), and on CUDA the
+    attention kernel's decode path takes the verification's ``verify_rows`` queries with holes in the mask."""
+    config = model.config.get_text_config(decoder=True)
+    if model.device.type == "cuda":
+        from ..kernels import sink_window
+
+        heads = config.num_attention_heads
+        groups = heads // (getattr(config, "num_key_value_heads", None) or heads)
+        if not sink_window.takes_holes(verify_rows, groups):
+            return False
+    stock = DynamicCache(config=config).layers
     return all(type(layer) is DynamicLayer for layer in stock) and all(
         isinstance(layer, LongCtxLayer) or type(layer) is DynamicLayer for layer in cache.layers)
 
@@ -180,7 +190,7 @@ def _decode(
 ) -> torch.Tensor:
     """The rounds: verify, accept per row, roll back, draft. Returns the (B, S + new) sequences."""
     sequences = Sequences(input_ids, attention_mask)
-    per_row, do_sample = _per_row(model, cache), bool(generation_config.do_sample)
+    per_row, do_sample = _per_row(model, cache, drafter.max_tokens() + 1), bool(generation_config.do_sample)
     gain = SpeculationGain() if feature.num_draft_tokens == "adaptive" else None
     active = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     logits = forward_unseen(model, cache, sequences.slots, sequences.mask, keep=1)
