@@ -163,7 +163,8 @@ def _static_attention(module, layer, query, key, value, scaling, sliding_window,
         shifted = dataclasses.replace(feature, window=feature.window + 1)
         out = sink_attention(query, key, value, feature=shifted, position_offset=offset,
                              inv_freq=lambda: module_inv_freq(module, query.device),
-                             kv_valid=layer.static_kv_valid(), kv_spans=layer.static_spans(), **kwargs)
+                             kv_valid=layer.static_kv_valid(), kv_spans=layer.static_spans(),
+                             kv_holes=layer.has_holes, **kwargs)
         return out.transpose(1, 2).contiguous()
     sinks, window = (0, None) if feature is None else (feature.sink_tokens, feature.window + 1)
     out = None
@@ -171,8 +172,9 @@ def _static_attention(module, layer, query, key, value, scaling, sliding_window,
         from ..kernels import sink_window
 
         if sink_window.unsupported_reason(query, key, value, sink_tokens=sinks, window=window, **kwargs) is None:
+            holes = layer.static_kv_valid() if layer.has_holes else None  # rejected drafts (speculation)
             out = sink_window.sink_window_attention_segments(query, key, value, sink_tokens=sinks, window=window,
-                                                             kv_spans=layer.static_spans(), **kwargs)
+                                                             kv_spans=layer.static_spans(), kv_holes=holes, **kwargs)
     if out is None:  # CPU (the reference), or what the kernel cannot take (it warns once)
         out = sink_window_attention(query, key, value, sink_tokens=sinks, window=window,
                                     kv_valid=layer.static_kv_valid(), **kwargs)

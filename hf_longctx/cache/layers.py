@@ -103,6 +103,7 @@ class LongCtxLayer(CacheLayerMixin):
         self.prompt_length = 0  # tokens seen by the end of the latest prefill (for ratio budgets)
         self.record_past = False
         self.padded = False  # whether a stored slot may hold padding (a padding mask was reported)
+        self.has_holes = False  # whether real slots may follow a non-real one (``mark_holes``)
         self._since_eviction = 0  # the last tokens stored in order: what `crop` can remove
         self._awaiting_report = False
         self._pending: list[torch.Tensor] = []  # (B, H, 1, D) queries of the latest decoding steps, unscored
@@ -330,7 +331,7 @@ class LongCtxLayer(CacheLayerMixin):
     def static_signature(self) -> tuple:
         """What a captured step depends on besides device data: buffer addresses and the code path taken."""
         return (self.keys.data_ptr(), self.values.data_ptr(), self.valid.data_ptr(), self.scores.data_ptr(),
-                self.capacity, self.padded, self.position_offset is None)
+                self.capacity, self.padded, self.has_holes, self.position_offset is None)
 
     def host_counters(self) -> tuple[int, ...]:
         """The host-side counters a one-token step advances (``restore_counters`` puts them back)."""
@@ -375,11 +376,12 @@ class LongCtxLayer(CacheLayerMixin):
 
     def static_spans(self) -> torch.Tensor:
         """(B, 2) int32 [first real slot, device counter) of each row: the kernel's key spans (padding, and
-        after an eviction the kept padding, precede the real tokens, so they are one contiguous run)."""
+        after an eviction the kept padding, precede the real tokens, so they are one contiguous run, unless
+        ``has_holes``: then the kernel reads ``static_kv_valid`` instead)."""
         end = self.static_length.expand(self.valid.shape[0])
         if self.padded:
             first = (self.valid & (torch.arange(self.capacity, device=self.device) < self.static_length)).byte()
-            start = torch.where(first.any(-1), first.argmax(-1), end)
+            start = torch.where(first.any(-1).bool(), first.argmax(-1), end)
         else:
             start = torch.zeros_like(end)
         return torch.stack([start, end], dim=1).to(torch.int32)
@@ -436,7 +438,7 @@ class LongCtxLayer(CacheLayerMixin):
         self._score_pending()  # with the validity their steps saw
         first = self.stored_length - (self.cumulative_length - start)
         self.valid[:, first : first + seen] &= ~holes[:, :seen].to(self.device)
-        self.padded = True
+        self.padded = self.has_holes = True
 
     def _attended_keys(self, stored: int) -> torch.Tensor:
         """(B, H_kv, stored, D) keys for attention: the buffer's view, or with ThinK the stored
@@ -611,7 +613,7 @@ class LongCtxLayer(CacheLayerMixin):
         if self.evicted is not None:
             self.evicted.zero_()
         self._awaiting_report = False
-        self.record_past = self.padded = False
+        self.record_past = self.padded = self.has_holes = False
         self._pending, self._recorded_peak, self._static_count = [], 0, 0
         self.view = None
         self.set_static(False)

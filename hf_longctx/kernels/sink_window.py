@@ -36,7 +36,7 @@ number of valid keys before it). Modes: 0 = no mask; 1 = one span per batch row 
 2 = packed sequences (a work table maps programs to (segment, block)). The decode path also takes a mode-1
 mask with holes (speculative decoding leaves its rejected draft slots as holes): the span is then the
 envelope of the real keys, and each slot's logical index (-1 for a hole) and the slot bounds of the sinks and
-the window come from :func:`_hole_layout`.
+the window come from :func:`hole_layout`.
 
 Contract: bf16 / fp16 on CUDA (fp32 accumulation; fp32 inputs only under the interpreter), head dims
 ``SUPPORTED_HEAD_DIMS``; anything unsupported raises ValueError naming the parameter (see
@@ -69,6 +69,7 @@ __all__ = [
     "SUPPORTED_HEAD_DIMS",
     "is_available",
     "unsupported_reason",
+    "hole_layout",
     "kv_valid_to_spans",
     "segment_table",
     "takes_holes",
@@ -447,10 +448,12 @@ if triton is not None:
         kmax = tl.minimum(rows + 1, k_hi)
         kend = tl.minimum(Skv, k_hi)
         # the union of the keys seen by the Sq query rows: sinks, then the window (slot ranges)
-        if HOLES:  # logical indices from KPOS (-1 for a hole), slot bounds from BOUNDS (_hole_layout)
-            L = tl.load(KPOS + b.to(tl.int64) * Skv + rows, mask=r_ok, other=0)
-            sink_end = tl.load(BOUNDS + b * 2)
-            win_lo = tl.maximum(tl.load(BOUNDS + b * 2 + 1), sink_end)
+        if HOLES:  # logical indices from KPOS (-1 for a hole), slot bounds and real count from BOUNDS (hole_layout)
+            inside = rows < k_hi  # a query past the span (a static step's) sees every real key
+            L = tl.load(KPOS + b.to(tl.int64) * Skv + rows, mask=r_ok & inside, other=0)
+            L = tl.where(inside, L, tl.load(BOUNDS + b * 3 + 2))
+            sink_end = tl.load(BOUNDS + b * 3)
+            win_lo = tl.maximum(tl.load(BOUNDS + b * 3 + 1), sink_end)
         else:
             L = tl.minimum(tl.maximum(rows - k_lo, 0), n_k)
             sink_end = tl.maximum(tl.minimum(k_lo + SINK, kend), k_lo)
@@ -924,17 +927,18 @@ def _envelope(kv_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([first, first + count], dim=1).to(torch.int32).contiguous(), end
 
 
-def _hole_layout(kv_valid: torch.Tensor, sink_tokens: int, window: int | None,
-                 q_len: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+def hole_layout(kv_valid: torch.Tensor, sink_tokens: int, window: int | None,
+                q_len: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """The decode path's view of a (B, Skv) padding mask with holes (e.g. the rejected draft slots of speculative
     decoding). No host sync.
 
     Returns:
         spans: (B, 2) int32 [first real slot, last real slot + 1) (the kernel's mode-1 spans).
         (positions, bounds): (B, Skv) int32 logical index of each slot (real tokens before it; -1 for padding
-            and holes), so sinks and windows count real tokens as the reference does; (B, 2) int32 slot bounds:
-            one past the slot of the ``sink_tokens``-th real token (the span's start without sinks), and the
-            first slot of the first query row's window (the span's start without a window).
+            and holes), so sinks and windows count real tokens as the reference does; (B, 3) int32: one past the
+            slot of the ``sink_tokens``-th real token (the span's start without sinks), the first slot of the
+            first query row's window (the span's start without a window), and the number of real tokens (the
+            logical index of a query past the span, as in a static decoding step).
     """
     spans, end = _envelope(kv_valid)
     real = kv_valid.to(torch.int32)
@@ -954,7 +958,8 @@ def _hole_layout(kv_valid: torch.Tensor, sink_tokens: int, window: int | None,
     else:
         win_lo = first
     spans = torch.stack([first, end], dim=1).to(torch.int32).contiguous()
-    return spans, (positions, torch.stack([sink_end, win_lo], dim=1).to(torch.int32).contiguous())
+    bounds = torch.stack([sink_end, win_lo, seen[:, -1]], dim=1).to(torch.int32).contiguous()
+    return spans, (positions, bounds)
 
 
 def segment_table(segment_ids: torch.Tensor, kv_valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -1123,7 +1128,7 @@ def _split_plan(device, B, Hkv, G, Sq, Skv, sink, window) -> tuple[int, int, int
 
 def _forward(q, k, v, s_aux, seg, mode, sink, window, scale, softcap, holes=None):
     """The forward launch; ``holes``: None, or (key positions, slot bounds) from :func:`_hole_layout` for a mode-1
-    mask with holes (decode path only: the caller checks :func:`_use_split`)."""
+    mask with holes (decode path only: the caller checks :func:`takes_holes`)."""
     B, H, Sq, D, Hkv, Skv, BLOCK_D, win, qk_scale, has_cap, cap_in, cap_out, prec = _common(
         q, k, window, scale, softcap)
     sink = 0 if window < 0 else sink
@@ -1382,11 +1387,13 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 def sink_window_attention_segments(query, key, value, *, sink_tokens: int, window: int | None,
                                    scale: float | None = None, softcap: float | None = None,
                                    s_aux: torch.Tensor | None = None, kv_spans: torch.Tensor | None = None,
-                                   segments: torch.Tensor | None = None,
+                                   kv_holes: torch.Tensor | None = None, segments: torch.Tensor | None = None,
                                    return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Lower-level entry: masks already converted (no host sync, no mask checks).
 
     ``kv_spans``: (B, 2) int32 [start, end) of each row's real keys (from :func:`kv_valid_to_spans`).
+    ``kv_holes``: instead of ``kv_spans``, a (B, Skv) bool real-key mask that may have holes (decode path only;
+    converted on the device by :func:`hole_layout`, so a CUDA graph can capture the call).
     ``segments``: (n_seg, 5) int32 from :func:`segment_table` (packed sequences; Sq == Skv).
     Returns (B, H, Sq, D) in query.dtype (memory laid out as (B, Sq, H, D)); with ``return_lse`` also the
     (B, H, Sq) float32 natural-log LSE of each row (``s_aux`` included; -inf for a row that sees no key),
@@ -1396,15 +1403,18 @@ def sink_window_attention_segments(query, key, value, *, sink_tokens: int, windo
                                 softcap=softcap, s_aux=s_aux)
     if reason is not None:
         raise ValueError(f"sink_window_attention_triton: {reason}")
+    holes = None
+    if kv_holes is not None:
+        kv_spans, holes = hole_layout(kv_holes, sink_tokens, window, query.shape[2])
     return _checked_call(query, key, value, sink_tokens, window, scale, softcap, s_aux, kv_spans, segments,
-                         return_lse)
+                         return_lse, holes)
 
 
 def _checked_call(query, key, value, sink_tokens, window, scale, softcap, s_aux, kv_spans, segments, return_lse,
                   holes=None):
     """:func:`sink_window_attention_segments` after its input check. Without autograd (no input needs a
     gradient, or grad mode off) and outside torch.compile, the launcher runs without the custom op's
-    dispatch: the decode path's per-call cost is Python, not GPU work. ``holes``: see :func:`_hole_layout`
+    dispatch: the decode path's per-call cost is Python, not GPU work. ``holes``: see :func:`hole_layout`
     (``kv_spans`` then holds its envelope spans)."""
     if kv_spans is not None and segments is not None:
         raise ValueError("give kv_spans or segments, not both (segment_table folds kv_valid in)")
@@ -1474,6 +1484,6 @@ def sink_window_attention_triton(query, key, value, *, sink_tokens: int, window:
     elif kv_valid is not None:
         kv_spans, end = _envelope(kv_valid)
         if not torch.compiler.is_compiling() and bool((kv_spans[:, 1] != end).any()):  # one host sync
-            kv_spans, holes = _hole_layout(kv_valid, sink_tokens, window, query.shape[2])
+            kv_spans, holes = hole_layout(kv_valid, sink_tokens, window, query.shape[2])
     return _checked_call(query, key, value, sink_tokens, window, scale, softcap, s_aux, kv_spans, segments,
                          return_lse, holes)
