@@ -452,3 +452,33 @@ def test_graphed_self_speculation_equals_eager_on_the_gpu(monkeypatch):
         assert torch.equal(outs[0], expected) and torch.equal(outs[1], expected), batch
         graphed = decoders[-1]
         assert graphed.captures >= 1 and graphed.replays > graphed.captures, (batch, graphed.replays)
+
+
+class _Streamer:
+    """A streamer (it makes ``Sequences.append`` take its column-by-column loop) that records nothing."""
+
+    def put(self, tokens):
+        pass
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_append_without_syncs_matches_the_column_loop(seed):
+    """``Sequences.append`` for max-length / EOS criteria (vectorised) against its column loop: rounds of random
+    columns with holes, EOS tokens and a max length reached mid-round."""
+    from transformers.generation import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
+
+    g = torch.Generator().manual_seed(seed)
+    stopping = StoppingCriteriaList([MaxLengthCriteria(max_length=14), EosTokenCriteria(eos_token_id=3)])
+    ids = torch.randint(4, 9, (5, 6), generator=g)
+    fast, loop = Sequences(ids, None), Sequences(ids, None)
+    active_fast = torch.ones(5, dtype=torch.bool)
+    active_loop = active_fast.clone()
+    for _ in range(4):
+        columns = torch.randint(0, 9, (5, 4), generator=g)
+        holes = torch.rand(5, 4, generator=g) < 0.3
+        holes[:, -1] = False  # the round's last token is never a hole
+        fast.append(columns, holes, active_fast, stopping)
+        loop.append(columns, holes, active_loop, stopping, _Streamer())
+        assert torch.equal(fast.member, loop.member) and torch.equal(fast.counts, loop.counts)
+        assert torch.equal(active_fast, active_loop)
+    assert not active_loop.all() and torch.equal(fast.output(torch.tensor(0)), loop.output(torch.tensor(0)))

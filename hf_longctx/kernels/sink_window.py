@@ -41,7 +41,8 @@ the window come from :func:`hole_layout`.
 Contract: bf16 / fp16 on CUDA (fp32 accumulation; fp32 inputs only under the interpreter), head dims
 ``SUPPORTED_HEAD_DIMS``; anything unsupported raises ValueError naming the parameter (see
 :func:`unsupported_reason`), never a silent fallback. ``kv_valid`` costs one host sync (the check for
-holes) and ``segment_ids`` one (the number of segments); :func:`sink_window_attention_segments` takes
+holes) except on the decode path without autograd (converted on the device by :func:`hole_layout`), and
+``segment_ids`` one (the number of segments); :func:`sink_window_attention_segments` takes
 the converted masks and does neither. Autotuning (on first use per length bucket) can be limited to
 the first config of each kernel with ``HF_LONGCTX_AUTOTUNE=0``; :func:`tuned_configs` reports choices.
 
@@ -1482,8 +1483,14 @@ def sink_window_attention_triton(query, key, value, *, sink_tokens: int, window:
     if segment_ids is not None:
         segments = segment_table(segment_ids, kv_valid)
     elif kv_valid is not None:
-        kv_spans, end = _envelope(kv_valid)
-        if not torch.compiler.is_compiling() and bool((kv_spans[:, 1] != end).any()):  # one host sync
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, value, s_aux))
+        decoding = takes_holes(query.shape[2], query.shape[1] // key.shape[1])
+        if decoding and not grad and not torch.compiler.is_compiling():
+            # any mask, converted on the device (no host sync per call and layer)
             kv_spans, holes = hole_layout(kv_valid, sink_tokens, window, query.shape[2])
+        else:
+            kv_spans, end = _envelope(kv_valid)
+            if not torch.compiler.is_compiling() and bool((kv_spans[:, 1] != end).any()):  # one host sync
+                kv_spans, holes = hole_layout(kv_valid, sink_tokens, window, query.shape[2])
     return _checked_call(query, key, value, sink_tokens, window, scale, softcap, s_aux, kv_spans, segments,
                          return_lse, holes)

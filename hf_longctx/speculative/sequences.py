@@ -109,6 +109,9 @@ class Sequences:
         self.mask = torch.cat([self.mask, (~holes).long()], dim=1)
         self.member = torch.cat([self.member, torch.zeros_like(holes)], dim=1)
         first = self.length - columns.shape[1]
+        if streamer is None and all(isinstance(c, (MaxLengthCriteria, EosTokenCriteria)) for c in stopping):
+            self._append_at_once(columns, holes, active, stopping, first)
+            return
         for j in range(columns.shape[1]):
             emits = active & ~holes[:, j]
             if not bool(emits.any()):
@@ -118,6 +121,24 @@ class Sequences:
             if streamer is not None:
                 streamer.put(columns[emits, j].cpu())
             active &= ~(emits & self._finished(stopping, columns[:, j]))
+
+    def _append_at_once(self, columns: torch.Tensor, holes: torch.Tensor, active: torch.Tensor,
+                        stopping: StoppingCriteriaList, first: int) -> None:
+        """``append``'s column loop without host syncs, for max-length and EOS criteria only: a row emits its
+        non-hole columns up to and including the first one that stops it."""
+        candidates = active[:, None] & ~holes
+        counts = self.counts[:, None] + candidates.long().cumsum(dim=1)  # emitted so far, if nothing stopped
+        stops = torch.zeros_like(candidates)
+        for criterion in stopping:
+            if isinstance(criterion, MaxLengthCriteria):
+                stops |= self.prompt + counts >= criterion.max_length
+            else:
+                stops |= torch.isin(columns, criterion.eos_token_id.to(columns.device))
+        stops &= candidates
+        emits = candidates & (stops.long().cumsum(dim=1) - stops.long() == 0)  # nothing stopped the row before
+        self.member[:, first:] = emits
+        self.counts += emits.long().sum(dim=1)
+        active &= ~(stops & emits).any(dim=1)
 
     def _finished(self, stopping: StoppingCriteriaList, token: torch.Tensor) -> torch.Tensor:
         """(B,) bool rows whose sequence (ending with ``token``) meets a stopping criterion."""
