@@ -87,7 +87,7 @@ class Drafter:
             tokens = torch.cat([tokens, token[:, None]], dim=1)
             probs.append(q)
             confidence = q.gather(-1, token[:, None])[:, 0]
-            if adaptive and bool((confidence[active] < self.speculative.threshold).all()):
+            if adaptive and not bool(((confidence >= self.speculative.threshold) & active).any()):
                 break
         return tokens, torch.stack(probs, dim=1)
 

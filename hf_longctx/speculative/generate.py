@@ -213,7 +213,7 @@ def _decode(
                 accepted, next_token = greedy_accept(drafts, scores)
             # 2. The round's columns: per row, its accepted drafts (holes after them up to the longest) + its token.
             if per_row:
-                kept = int(accepted[active].max())
+                kept = int(torch.where(active, accepted, 0).max())  # (boolean indexing would sync once more)
                 holes = (torch.arange(kept, device=accepted.device) >= accepted[:, None]) & active[:, None]
                 columns = torch.cat([drafts[:, :kept], next_token[:, None]], dim=1)
             else:
@@ -224,18 +224,20 @@ def _decode(
             if isinstance(cache, LongCtxCache):
                 cache.mark_holes(holes, start)
             cache.crop(kept - drafted)
-            before = sequences.counts[active].float().mean()
+            before = sequences.counts[active].float().mean() if gain is not None else None
             sequences.append(columns, torch.cat([holes, holes.new_zeros(holes.shape[0], 1)], dim=1), active,
                              stopping_criteria, streamer)
-            if not bool(active.any()):
+            # one host read: whether a row goes on, and the most tokens an active row may still emit
+            remaining = torch.where(active, generation_config.max_length - sequences.prompt - sequences.counts, -1)
+            going_on, most_left = torch.stack([active.any().long(), remaining.max()]).tolist()
+            if not going_on:
                 break
             if gain is not None and drafted:
                 gain.record(float(sequences.counts[active].float().mean() - before), draft_s, verify_s)
             # 4. Draft, without passing the maximum length (the last new token needs no draft).
             if isinstance(drafter, DraftModel):
                 drafter.rollback(sequences.length - 1, holes, start)
-            remaining = generation_config.max_length - sequences.prompt - sequences.counts
-            room = int(remaining[active].max()) - 1
+            room = most_left - 1
             clock = time.perf_counter()
             if room >= 1 and (gain is None or gain.enabled):
                 drafts, draft_probs = drafter.propose(

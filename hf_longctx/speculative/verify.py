@@ -76,6 +76,6 @@ def common_acceptance(
         (n, tokens): n draft tokens kept for every row, and (B, n + 1) int64 tokens to append.
     """
     drafted = draft_tokens.shape[1]
-    n = int(accepted[active].min()) if bool(active.any()) else drafted
+    n = int(torch.where(active, accepted, drafted).min())  # drafted when no row is active
     last = next_token if n == drafted else torch.where(accepted > n, draft_tokens[:, min(n, drafted - 1)], next_token)
     return n, torch.cat([draft_tokens[:, :n], last[:, None]], dim=1)
