@@ -391,8 +391,9 @@ class Speculative:
             tokens and the most recent ones up to ``budget``); None: ``"streaming:1024"``.
         num_draft_tokens: tokens drafted per round, >= 1, or ``"adaptive"``: up to ``max_draft_tokens``, stopping
             early once the draft's probability of its own token falls under ``threshold``, and switching
-            speculation off for the rest of the call when the measured draft and verification times make its
-            expected gain < 1 (``hf_longctx.speculative.gain``).
+            speculation off for the rest of the call when its measured tokens per second fall short of a few
+            measured plain steps' (``hf_longctx.speculative.gain``; with ``cuda_graphs`` the plain steps are
+            graph-replayed too).
         max_draft_tokens: the most tokens an adaptive round drafts; >= 1.
         threshold: ``"adaptive"`` only: the draft confidence, in (0, 1), under which a round stops drafting.
         cuda_graphs: ``draft="self"`` only: the one-token draft steps run as static steps replayed as a CUDA graph

@@ -141,12 +141,21 @@ def test_adaptive_drafting_stops_under_the_threshold():
 
 
 def test_the_gain_rule_switches_speculation_off_only_when_it_does_not_pay():
-    paying, losing = SpeculationGain(warmup=2), SpeculationGain(warmup=2)
-    for _ in range(4):  # the first round is not counted
-        paying.record(emitted_per_row=3.0, draft_s=0.010, verify_s=0.020)  # 3 * 20 / 30 = 2
-        losing.record(emitted_per_row=1.2, draft_s=0.020, verify_s=0.020)  # 1.2 * 20 / 40 = 0.6
-    assert paying.enabled and paying.gain == pytest.approx(2.0)
-    assert not losing.enabled and losing.gain == pytest.approx(0.6)
+    """Measured speculative rounds, then measured plain steps; uncounted warm-up rounds first of each."""
+    decisions = {}
+    for name, (tokens, seconds) in {"paying": (3.0, 0.010), "losing": (3.0, 0.050)}.items():
+        gain = SpeculationGain(warmup=2)
+        modes = []
+        for _ in range(12):
+            mode = gain.mode
+            modes.append(mode)
+            # a speculative round emits 3 tokens a row; a plain step 1 token in 10 ms (the uncounted ones slower)
+            gain.record(mode, *((tokens, seconds) if mode == "speculative" else (1.0, 0.010)))
+        decisions[name] = gain
+        assert modes[:3] == ["speculative"] * 3 and modes[3:8] == ["plain"] * 5  # 1 + 2, then 3 + 2 measured
+        assert modes[8:] == ["speculative" if gain.enabled else "plain"] * 4
+    assert decisions["paying"].enabled and decisions["paying"].gain == pytest.approx(3.0)
+    assert not decisions["losing"].enabled and decisions["losing"].gain == pytest.approx(0.6)
     with pytest.raises(ValueError, match="`warmup` must be an integer >= 1"):
         SpeculationGain(warmup=0)
 
@@ -384,6 +393,34 @@ def test_self_speculation_with_graphs_adaptive_and_a_cache_passed_in(monkeypatch
     got = model.generate(**kwargs, past_key_values=lc.LongCtxCache(model, cuda_graphs=True),
                          custom_generate=lc.speculative_generate, speculative=spec)
     assert torch.equal(got, expected) and calls
+
+
+@pytest.mark.parametrize("pays", [False, True])
+def test_adaptive_switch_off_runs_plain_static_steps(monkeypatch, pays):
+    """When the measured rule decides (here: forced) that speculation does not pay, the rest of the call runs plain
+    steps through the decoder's static step (graph-replayed on CUDA), without drafting; tokens stay generate's."""
+    from hf_longctx.speculative import gain as gain_module
+
+    model, plain_static = tiny_model("llama"), []
+    step = GraphDecoder.step
+    monkeypatch.setattr(GraphDecoder, "step", lambda self, *args: (
+        plain_static.append(self.layers[0].view is None), step(self, *args))[1])
+    monkeypatch.setattr(gain_module.SpeculationGain, "gain", property(lambda self: 2.0 if pays else 0.5))
+    proposals = []
+    propose = spec_generate.SelfDraft.propose
+    monkeypatch.setattr(spec_generate.SelfDraft, "propose", lambda self, *a, **k: (proposals.append(1),
+                                                                                    propose(self, *a, **k))[1])
+    ids, mask = left_padded(4, 20, 96)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=30, min_new_tokens=30, do_sample=False)
+    expected = model.generate(**kwargs)
+    spec = lc.Speculative(draft="self", draft_kv=VIEW, num_draft_tokens="adaptive", threshold=0.01,
+                          max_draft_tokens=2, cuda_graphs=True)
+    got = model.generate(**kwargs, custom_generate=lc.speculative_generate, speculative=spec)
+    assert torch.equal(got, expected)
+    warmup = gain_module.SpeculationGain().warmup
+    # warm-up rounds draft (1 + warmup), then 3 + warmup plain steps; afterwards drafting only if it pays
+    assert (len(proposals) > 1 + warmup) == pays
+    assert sum(plain_static) >= (29 - 2 * (1 + warmup) if not pays else 3 + warmup)  # plain steps were static
 
 
 def test_static_draft_steps_attend_through_the_view():

@@ -101,7 +101,8 @@ class GraphDecoder:
             self.cache_position = torch.zeros(1, dtype=torch.long, device=self.device)
             self.extra["cache_position"] = self.cache_position
         self.logits: torch.Tensor | None = None  # (B, V) float32, the latest step's
-        self.graph: torch.cuda.CUDAGraph | None = None
+        # captured steps by signature: at most two (a drafter alternates its view's step and the plain one)
+        self.graphs_by_signature: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._warm: tuple | None = None  # the signature the latest eager step warmed up
         self.replays = self.eager_steps = self.captures = 0
 
@@ -125,7 +126,7 @@ class GraphDecoder:
 
     def stop(self) -> None:
         """Leave static decoding (the cache is usable as before) and free the graph."""
-        self.graph, self._warm = None, None
+        self.graphs_by_signature, self._warm = {}, None
         for layer in self.layers:
             layer.set_static(False)
 
@@ -145,8 +146,9 @@ class GraphDecoder:
             self.eager_steps += 1
             return self.logits
         signature = tuple(layer.static_signature() for layer in self.layers)
-        if signature != self._warm:  # new addresses or code path: warm up eagerly (kernels compile), capture next
-            self.graph, self._warm = None, signature
+        graph = self.graphs_by_signature.get(signature)
+        if graph is None and signature != self._warm:  # new addresses or code path: warm up eagerly, capture next
+            self._warm = signature
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
@@ -154,9 +156,12 @@ class GraphDecoder:
             torch.cuda.current_stream(self.device).wait_stream(side)
             self.eager_steps += 1
             return self.logits
-        if self.graph is None:
-            self._capture()
-        self.graph.replay()
+        if graph is None:
+            graph = self._capture()
+            if len(self.graphs_by_signature) >= 2:  # the oldest goes (its buffers may have moved)
+                self.graphs_by_signature.pop(next(iter(self.graphs_by_signature)))
+            self.graphs_by_signature[signature] = graph
+        graph.replay()
         for layer in self.layers:
             layer.advance_static()
         self.replays += 1
@@ -170,15 +175,16 @@ class GraphDecoder:
                                       device=self.device)
         self.logits.copy_(out.logits[:, -1])
 
-    def _capture(self) -> None:
+    def _capture(self) -> torch.cuda.CUDAGraph:
         """Record one step (capture does not run it: the host counters it advanced are put back)."""
         counters = [layer.host_counters() for layer in self.layers]
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             self._forward()
         for layer, saved in zip(self.layers, counters):
             layer.restore_counters(saved)
         self.captures += 1
+        return graph
 
 
 def graph_generate(

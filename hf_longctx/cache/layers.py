@@ -331,7 +331,7 @@ class LongCtxLayer(CacheLayerMixin):
     def static_signature(self) -> tuple:
         """What a captured step depends on besides device data: buffer addresses and the code path taken."""
         return (self.keys.data_ptr(), self.values.data_ptr(), self.valid.data_ptr(), self.scores.data_ptr(),
-                self.capacity, self.padded, self.has_holes, self.position_offset is None)
+                self.capacity, self.padded, self.has_holes, self.position_offset is None, self.view)
 
     def host_counters(self) -> tuple[int, ...]:
         """The host-side counters a one-token step advances (``restore_counters`` puts them back)."""

@@ -95,6 +95,11 @@ class Drafter:
         """(B, V) float32 next-token logits after ``slots`` ((B, T) with their (B, T) padding mask)."""
         return forward_unseen(self.model, self.cache, slots, mask, keep=1)[:, 0]
 
+    def plain_logits(self, target: PreTrainedModel, cache: LongCtxCache, sequences: Sequences) -> torch.Tensor:
+        """(B, 1, V) float32: the target's next-token logits after the slots, as plain decoding computes them
+        (a round without drafts); here one eager forward of the target over its ``cache``."""
+        return forward_unseen(target, cache, sequences.slots, sequences.mask, keep=1)
+
 
 class DraftModel(Drafter):
     """Drafts tokens with a small model of the target's vocabulary.
@@ -187,6 +192,13 @@ class SelfDraft(Drafter):
         if self.decoder is None or slots.shape[1] - self.cache.get_seq_length() != 1:
             return super().step(slots, mask)
         return self.decoder.step(slots[:, -1], mask.sum(-1) - 1)
+
+    def plain_logits(self, target: PreTrainedModel, cache: LongCtxCache, sequences: Sequences) -> torch.Tensor:
+        """``Drafter.plain_logits``; with ``cuda_graphs`` a static step without the view (its own captured graph)."""
+        if self.decoder is None or sequences.length - self.cache.get_seq_length() != 1:
+            return super().plain_logits(target, cache, sequences)
+        self.decoder.reserve(2)
+        return self.step(sequences.slots, sequences.mask)[:, None]
 
     @torch.no_grad()
     def propose(self, sequences: Sequences, limit: int, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -200,7 +200,7 @@ def _decode(
         drafts = input_ids.new_zeros(input_ids.shape[0], 0)
         draft_probs = logits.new_zeros(logits.shape[0], 0, logits.shape[-1])
         no_drafts = drafts, draft_probs
-        draft_s = verify_s = 0.0
+        clock = time.perf_counter()
         while True:
             # 1. Verify: the target's processed scores after each draft prefix (the last is the bonus position).
             drafted = drafts.shape[1]
@@ -224,33 +224,33 @@ def _decode(
             if isinstance(cache, LongCtxCache):
                 cache.mark_holes(holes, start)
             cache.crop(kept - drafted)
-            before = sequences.counts[active].float().mean() if gain is not None else None
+            rows, before = active.clone(), sequences.counts.clone()
             sequences.append(columns, torch.cat([holes, holes.new_zeros(holes.shape[0], 1)], dim=1), active,
                              stopping_criteria, streamer)
-            # one host read: whether a row goes on, and the most tokens an active row may still emit
+            # one host read: whether a row goes on, the most tokens an active row may still emit, and the tokens
+            # the round's rows emitted (for the adaptive rule's timing)
             remaining = torch.where(active, generation_config.max_length - sequences.prompt - sequences.counts, -1)
-            going_on, most_left = torch.stack([active.any().long(), remaining.max()]).tolist()
+            emitted = torch.where(rows, sequences.counts - before, 0).sum()
+            going_on, most_left, emitted, n_rows = torch.stack(
+                [active.any().long(), remaining.max(), emitted, rows.sum()]).tolist()
             if not going_on:
                 break
-            if gain is not None and drafted:
-                gain.record(float(sequences.counts[active].float().mean() - before), draft_s, verify_s)
+            if gain is not None:
+                now = time.perf_counter()
+                gain.record("speculative" if drafted else "plain", emitted / max(n_rows, 1), now - clock)
+                clock = now
             # 4. Draft, without passing the maximum length (the last new token needs no draft).
             if isinstance(drafter, DraftModel):
                 drafter.rollback(sequences.length - 1, holes, start)
             room = most_left - 1
-            clock = time.perf_counter()
-            if room >= 1 and (gain is None or gain.enabled):
+            if room >= 1 and (gain is None or gain.mode == "speculative"):
                 drafts, draft_probs = drafter.propose(
                     sequences, min(room, drafter.max_tokens()), logits_processor, do_sample, active
                 )
-            else:  # plain steps from now on (the gain rule does not switch back): leave the drafter's static mode
-                drafter.close()
+                logits = forward_unseen(model, cache, *sequences.with_drafts(drafts), keep=drafts.shape[1] + 1)
+            else:  # a plain step, through the drafter's graph-captured step where it has one
                 drafts, draft_probs = no_drafts
-            draft_s, clock = time.perf_counter() - clock, time.perf_counter()
-            logits = forward_unseen(model, cache, *sequences.with_drafts(drafts), keep=drafts.shape[1] + 1)
-            if gain is not None:
-                logits.sum().item()  # wait for the device: the verification's time is measured
-            verify_s = time.perf_counter() - clock
+                logits = drafter.plain_logits(model, cache, sequences)
     finally:
         drafter.close()
     return sequences.output(generation_config._pad_token_tensor)
