@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU job for speculative decoding (issue 7): CUDA tests, then the benchmark.
 # Run from the repository root on the GPU machine:  bash benchmarks/run_gpu_speculative.sh OUTDIR
-# Writes under OUTDIR: env.txt, pytest_cuda.log, bench_pair.log, bench_rest.log, speculative.csv/.md.
-# Wall time under 5 minutes on an H100: each step has its own timeout and a failing step does not stop the next.
+# Writes under OUTDIR: env.txt, pytest_cuda.log, bench_pair.log, bench_rest.log, speculative.csv/.md,
+# profile.log, speculative_profile.txt. At most ~7 minutes (time limits 90 + 110 + 110 + 90 s): each step has its
+# own timeout and a failing step does not stop the next.
 set -uo pipefail
 
 OUT="${1:-${OUT:-out/gpu-speculative}}"
@@ -41,6 +42,11 @@ timeout -s INT -k 15 110 "$PY" benchmarks/speculative.py --out "$OUT" --quick --
   > "$OUT/bench_rest.log" 2>&1
 rc_rest=$?
 echo "bench lengths,draft,cost: rc=$rc_rest ($(( $(date +%s) - t2 )) s)"
+
+# 4. Where a round's time goes at 32K batch 32 (phases, graph replays, profiler tables).
+t3=$(date +%s)
+timeout -s INT -k 10 90 "$PY" benchmarks/speculative_profile.py --out "$OUT" > "$OUT/profile.log" 2>&1
+echo "profile: rc=$? ($(( $(date +%s) - t3 )) s)"; head -16 "$OUT/speculative_profile.txt" 2>/dev/null
 echo "--- table ---"; cat "$OUT/speculative.md" 2>/dev/null
 grep -E "Error|error" "$OUT"/bench_*.log | tail -20
 echo "total $(( $(date +%s) - t0 )) s; results in $OUT"
