@@ -21,7 +21,8 @@ Parts (each runs on its own: a failure is logged and the next part runs):
 
 Decode rates come from two runs of different lengths (the prefill cancels out): tokens/s = B * (n2 - n1) /
 (t2 - t1). Mean accepted length = tokens emitted per row per verification round (the round's own token
-included), counted in the run of length n2. Writes ``speculative.csv`` (one row per measurement, appended) and
+included), counted in the run of length n2; at batch > 1 the rounds go on until the slowest row has its n2
+tokens, so it is the slowest row's rate (rows advance by their own counts). Writes ``speculative.csv`` (one row per measurement, appended) and
 ``speculative.md`` into --out; the markdown table is printed last.
 """
 
