@@ -12,8 +12,11 @@ Batch > 1: each row advances by its own accepted count (``sequences``: rows that
 leave holes, masked like padding; nothing is re-padded; on CUDA the attention kernel's decode path reads
 them). Caches with sliding-window or other non-full layers (whose windows count slots), and CUDA models whose
 verification has more query rows than that path takes (``sink_window.takes_holes``), keep one accepted length
-per round instead, the minimum over the active rows (``verify.common_acceptance``). Both are exact: greedy output equals plain generate row by row, and
-sampling keeps the target's distribution.
+per round instead, the minimum over the active rows (``verify.common_acceptance``). Both are exact: greedy
+output equals plain generate row by row, and sampling keeps the target's distribution.
+
+Rounds without drafts (the last token, and an adaptive call's plain steps) are plain decoding steps: through
+the drafter's graph-captured step where it has one (``SelfDraft`` with ``cuda_graphs``).
 """
 
 from __future__ import annotations
