@@ -179,7 +179,8 @@ def sink_attention(
         position_offset: (B,) int64 tokens each row evicted: a token's true position is its logical index
             among the stored tokens plus this (the sinks excepted); None when nothing was evicted.
         **kwargs: ``scale``, ``softcap``, ``s_aux``, ``kv_valid``, ``segment_ids`` as in
-            ``kernels.reference.sink_window_attention``, and ``kv_spans`` / ``kv_holes`` as in ``sink_window_attention``.
+            ``kernels.reference.sink_window_attention``, and ``kv_spans`` / ``kv_holes`` as in
+            ``sink_window_attention``.
     Returns:
         (B, H, Sq, D) in ``query.dtype``.
     """

@@ -27,9 +27,10 @@ sigmoid is a polynomial in the same t (no divide). See benchmarks/NOTES-softplus
   [BLOCK_N, BLOCK_M] computed as k q^T and v dO^T, so no computed tile is transposed before a tl.dot: that
   pattern (tl.trans of an MMA result, lowered through a #linear layout to wgmma) gave a wrong dK on the H100
   with triton 3.6 (issue 8; the interpreter does not reproduce it). That is the "split" schedule of
-  ``BWD_VARIANTS``; "fused" (the default; :func:`backward_variant` picks either) runs ``_bwd_dq_kernel`` for delta / gamma only, then
-  ``_bwd_dkdv_kernel`` with ``FUSED_DQ``, which also adds dq^T = k^T dX^T into a zeroed fp32 buffer by atomics
-  (5 matmuls per score element instead of 7; the computed dX^T is a dot operand untransposed).
+  ``BWD_VARIANTS``; "fused" (the default; :func:`backward_variant` picks either) runs ``_bwd_dq_kernel`` for
+  delta / gamma only, then ``_bwd_dkdv_kernel`` with ``FUSED_DQ``, which also adds dq^T = k^T dX^T into a zeroed
+  fp32 buffer by atomics (5 matmuls per score element instead of 7; the computed dX^T is a dot operand
+  untransposed).
 
 Masks: the sink kernel's segments (``sink_window.kv_valid_to_spans`` / ``segment_table``, mode 0 / 1 / 2; see
 that module) and its program-to-segment map; rows and keys beyond a segment's keys are masked, and a fully
