@@ -239,13 +239,14 @@ def test_padding_spans(q_len):
 
 def _holes_mask():
     """Padding with holes (speculative decoding's rejected draft slots): left padding then holes, holes inside
-    the sinks, a row without holes, and a row whose window spans many holes."""
-    valid = torch.ones(4, 90, dtype=torch.bool)
+    the sinks, a row without holes, a row whose window spans many holes, and a row without real tokens."""
+    valid = torch.ones(5, 90, dtype=torch.bool)
     valid[0, :6] = False
     valid[0, 40:43] = False
     valid[0, 80:82] = False
     valid[1, 1:3] = False
     valid[3, 20:70:2] = False
+    valid[4] = False
     return valid
 
 
@@ -255,7 +256,7 @@ def test_decode_with_holes(monkeypatch, q_len, sink, window):
     """The decode path with holes in kv_valid (no gradient) against the reference; several splits per row."""
     monkeypatch.setitem(sw.INTERPRET_BLOCKS, "split_min_keys", 16)
     valid = _holes_mask()
-    q, k, v = (t.detach() for t in make_inputs(4, 4, 2, q_len, 90, 32, seed=q_len))
+    q, k, v = (t.detach() for t in make_inputs(5, 4, 2, q_len, 90, 32, seed=q_len))
     kw = dict(sink_tokens=sink, window=window, kv_valid=valid, softcap=2.0 if sink == 3 else None)
     with torch.no_grad():
         out, lse = sw.sink_window_attention_triton(q, k, v, return_lse=True, **kw)
@@ -271,7 +272,7 @@ def test_static_step_with_holes(monkeypatch, sink, window):
     monkeypatch.setitem(sw.INTERPRET_BLOCKS, "split_min_keys", 16)
     valid = _holes_mask()
     valid[:, 80:] = False  # the buffer's unused slots: the query (row 89) sits past the stored 80
-    q, k, v = (t.detach() for t in make_inputs(4, 4, 2, 1, 90, 32, seed=3))
+    q, k, v = (t.detach() for t in make_inputs(5, 4, 2, 1, 90, 32, seed=3))
     with torch.no_grad():
         out = sw.sink_window_attention_segments(q, k, v, sink_tokens=sink, window=window, kv_holes=valid)
     ref = reference.sink_window_attention(q, k, v, sink_tokens=sink, window=window, kv_valid=valid)
@@ -280,10 +281,10 @@ def test_static_step_with_holes(monkeypatch, sink, window):
 
 def test_holes_outside_decode_raise():
     valid = _holes_mask()
-    q, k, v = make_inputs(4, 4, 2, 5, 90, 32)
+    q, k, v = make_inputs(5, 4, 2, 5, 90, 32)
     with pytest.raises(ValueError, match="holes.*no gradient"):
         sw.sink_window_attention_triton(q, k, v, sink_tokens=0, window=None, kv_valid=valid)
-    q, k, v = (t.detach() for t in make_inputs(4, 4, 2, 40, 90, 32))
+    q, k, v = (t.detach() for t in make_inputs(5, 4, 2, 40, 90, 32))
     with pytest.raises(ValueError, match="holes.*at most"):
         sw.sink_window_attention_triton(q, k, v, sink_tokens=0, window=None, kv_valid=valid)
 
