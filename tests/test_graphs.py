@@ -139,6 +139,26 @@ def test_static_step_keeps_its_buffers_and_shapes(kv, monkeypatch):
     decoder.stop()
 
 
+@pytest.mark.parametrize("kv", [None, EVICTIONS[1]])
+def test_a_replayed_step_advances_the_host_counters_as_an_eager_step(kv):
+    """``advance_static`` (the host bookkeeping after a graph replay) leaves every layer's host counters where the
+    eager static step leaves them (CPU runs no replay, so this is where the replay's bookkeeping is checked)."""
+    model = prepared(tiny_model("llama"), kv=kv)
+    decoder, logits, positions = decoder_after_prefill(model, kv)
+    with torch.no_grad():
+        while not all(layer.static_ready() for layer in decoder.layers):  # a step a graph would replay
+            positions = positions + 1
+            logits = decoder.step(logits.argmax(-1), positions)
+        before = [layer.host_counters() for layer in decoder.layers]
+        decoder.step(logits.argmax(-1), positions + 1)
+    eager = [layer.host_counters() for layer in decoder.layers]
+    for layer, saved in zip(decoder.layers, before):
+        layer.restore_counters(saved)
+        layer.advance_static()
+    assert [layer.host_counters() for layer in decoder.layers] == eager
+    decoder.stop()
+
+
 class HostSync(RuntimeError):
     pass
 

@@ -345,7 +345,6 @@ class LongCtxLayer(CacheLayerMixin):
         self.stored_length += 1
         self.cumulative_length += 1
         self._since_eviction += 1  # as the eager step counts it: a crop may remove the token
-        self._since_eviction += 1
         if self.policy is not None and self.policy.uses_attention:
             self._static_count += 1
 
