@@ -18,7 +18,9 @@ The model must run the ``longctx_kv`` attention (``lc.patch(model, kv=...)`` set
 So one captured step serves every length. A step that is not a plain write (an eviction is due, or the queries
 kept for an attention policy's scores must be scored) runs eagerly, between replays, through the same code; so do
 the first step after a change of buffer addresses or code path (``LongCtxLayer.static_signature``: an eviction
-that starts moving sinks, buffers that grew), which warms the kernels up before the graph is re-captured. Logits
+that starts moving sinks, buffers that grew, a draft view set or not), which warms the kernels up before that
+signature's step is captured; the decoder keeps the latest two captured steps (a self-speculation drafter
+alternates its view's step and the plain one), so switching back replays without a capture. Logits
 processors, sampling and stopping run eagerly on the step's logits, exactly as in ``GenerationMixin._sample``,
 so greedy and sampled tokens (same generator) match generate's with the same cache and attention.
 
@@ -57,7 +59,7 @@ def _host_updated_rope(model: PreTrainedModel) -> str | None:
 
 
 class GraphDecoder:
-    """One-token decoding steps of ``model`` over ``cache``, replayed as one CUDA graph where they can be.
+    """One-token decoding steps of ``model`` over ``cache``, replayed as CUDA graphs where they can be.
 
     Args:
         model: a causal LM running the ``longctx_kv`` attention.
