@@ -97,7 +97,7 @@ def load_model(args: argparse.Namespace, dtype: torch.dtype):
         # full fine-tuning keeps fp32 master weights (bf16 autocast); LoRA freezes the base, in `dtype`
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32 if args.full_finetune else dtype)
         if args.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            lc.training.enable_activation_checkpointing(model)
     model.config.use_cache = False
     lc.patch(model, rope=args.rope, attention=args.attention)
     if args.full_finetune:

@@ -128,7 +128,7 @@ device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.de
 model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if cuda else torch.float32,
                                              attn_implementation="sdpa").to(device)
 model.config.use_cache = False
-model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+lc.training.enable_activation_checkpointing(model)
 if args.attention != "sdpa":
     lc.patch(model, attention=args.attention)
 model.train()

@@ -77,7 +77,7 @@ def test_training_matches_sdpa(family):
 def test_gradient_checkpointing_matches_sdpa():
     def build():
         model = tiny_model("llama")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lc.training.enable_activation_checkpointing(model)
         return model
 
     reference, patched = both(build, lambda m: train(m, batches()))

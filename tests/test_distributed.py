@@ -66,7 +66,7 @@ def longlora_model(attention: str | None):
     model = tiny_model("llama")
     if attention:
         lc.patch(model, attention=attention)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lc.training.enable_activation_checkpointing(model)
     return get_peft_model(model, lc.training.longlora_peft_config(r=4))
 
 

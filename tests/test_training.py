@@ -393,3 +393,11 @@ def test_extend_context_rejects_full_finetune_with_qlora(capsys):
         load_recipe("extend_context").parse_args(["--model", "m", "--output", "o", "--seq-len", "64",
                                                   "--full-finetune", "--qlora"])
     assert "--full-finetune and --qlora" in capsys.readouterr().err
+
+
+def test_enable_activation_checkpointing_turns_it_on():
+    """The helper the recipes use: transformers' new name where it exists, the deprecated one before it."""
+    model = tiny_model("llama")
+    lc.training.enable_activation_checkpointing(model)
+    new_name = hasattr(type(model), "is_activation_checkpointing")
+    assert (model.is_activation_checkpointing if new_name else model.is_gradient_checkpointing)

@@ -13,7 +13,7 @@ more: the ``longctx_*`` attention keeps the packed documents apart.
 
 from .collators import E2LLMCollator
 from .decomposition import DecomposedDataset, LengthBucketBatchSampler, decompose
-from .presets import longlora_peft_config, qlora
+from .presets import enable_activation_checkpointing, longlora_peft_config, qlora
 from .trainer import BatchSamplerTrainer
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "E2LLMCollator",
     "LengthBucketBatchSampler",
     "decompose",
+    "enable_activation_checkpointing",
     "longlora_peft_config",
     "qlora",
 ]

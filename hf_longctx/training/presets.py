@@ -52,6 +52,17 @@ def longlora_peft_config(
     )
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation (gradient) checkpointing of every decoder layer of ``model``: transformers'
+    ``activation_checkpointing_enable`` where it exists (newer 5.x, which deprecates the old name), else
+    ``gradient_checkpointing_enable``."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def qlora(
     model_name_or_path: str,
     *,
