@@ -71,8 +71,9 @@ def qlora(
     **from_pretrained_kwargs: Any,
 ):
     """Load a causal LM for QLoRA: NF4 4-bit weights with double quantisation, computing in ``compute_dtype``,
-    prepared by ``peft.prepare_model_for_kbit_training`` (norms in float32, input gradients enabled, gradient
-    checkpointing if asked). Wrap it with ``peft.get_peft_model(model, longlora_peft_config())`` next.
+    prepared by ``peft.prepare_model_for_kbit_training`` (norms in float32, input gradients enabled,
+    non-reentrant gradient checkpointing if asked). Wrap it with ``peft.get_peft_model(model,
+    longlora_peft_config())`` next.
 
     Raises:
         ImportError: bitsandbytes is not installed (``pip install 'hf-longctx[qlora]'``).
@@ -93,4 +94,5 @@ def qlora(
     model = AutoModelForCausalLM.from_pretrained(
         model_name_or_path, quantization_config=quantization, dtype=compute_dtype, **from_pretrained_kwargs
     )
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                           gradient_checkpointing_kwargs={"use_reentrant": False})
