@@ -267,14 +267,14 @@ def test_decode_with_holes(monkeypatch, q_len, sink, window):
 
 @pytest.mark.parametrize("sink, window", [(0, None), (3, 9)])
 def test_static_step_with_holes(monkeypatch, sink, window):
-    """A graph-captured decoding step's call (``kv_holes``, no host sync): the key buffer is longer than the
-    stored slots and the query sits past them; holes and unused slots are both non-real."""
+    """A graph-captured decoding step's call (a mask with holes, converted without a host sync): the key buffer is
+    longer than the stored slots and the query sits past them; holes and unused slots are both non-real."""
     monkeypatch.setitem(sw.INTERPRET_BLOCKS, "split_min_keys", 16)
     valid = _holes_mask()
     valid[:, 80:] = False  # the buffer's unused slots: the query (row 89) sits past the stored 80
     q, k, v = (t.detach() for t in make_inputs(5, 4, 2, 1, 90, 32, seed=3))
     with torch.no_grad():
-        out = sw.sink_window_attention_segments(q, k, v, sink_tokens=sink, window=window, kv_holes=valid)
+        out = sw.sink_window_attention_triton(q, k, v, sink_tokens=sink, window=window, kv_valid=valid)
     ref = reference.sink_window_attention(q, k, v, sink_tokens=sink, window=window, kv_valid=valid)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
@@ -282,10 +282,10 @@ def test_static_step_with_holes(monkeypatch, sink, window):
 def test_holes_outside_decode_raise():
     valid = _holes_mask()
     q, k, v = make_inputs(5, 4, 2, 5, 90, 32)
-    with pytest.raises(ValueError, match="holes.*no gradient"):
+    with pytest.raises(ValueError, match="has holes.*only decoding"):
         sw.sink_window_attention_triton(q, k, v, sink_tokens=0, window=None, kv_valid=valid)
     q, k, v = (t.detach() for t in make_inputs(5, 4, 2, 40, 90, 32))
-    with pytest.raises(ValueError, match="holes.*at most"):
+    with pytest.raises(ValueError, match="has holes.*at most"):
         sw.sink_window_attention_triton(q, k, v, sink_tokens=0, window=None, kv_valid=valid)
 
 

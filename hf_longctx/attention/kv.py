@@ -147,6 +147,12 @@ def moves_sinks(feature: SinkAttention | None) -> bool:
         feature.positions == "cache" or feature.distance_limit is not None)
 
 
+def _static_spans(layer) -> torch.Tensor | None:
+    """The layer's key spans for a static step, or None once it has holes (rejected drafts of speculative decoding):
+    the kernel's decode path then reads its real-slot mask, converted on the device."""
+    return None if layer.has_holes else layer.static_spans()
+
+
 def _static_attention(module, layer, query, key, value, scaling, sliding_window, softcap, s_aux) -> torch.Tensor:
     """A static one-token step (module docstring): (B, Sq=1, H, D) contiguous attention over the slots below the
     layer's device counter, the query one past them (windows + 1)."""
@@ -163,21 +169,21 @@ def _static_attention(module, layer, query, key, value, scaling, sliding_window,
         shifted = dataclasses.replace(feature, window=feature.window + 1)
         out = sink_attention(query, key, value, feature=shifted, position_offset=offset,
                              inv_freq=lambda: module_inv_freq(module, query.device),
-                             kv_valid=layer.static_kv_valid(), kv_spans=layer.static_spans(),
-                             kv_holes=layer.has_holes, **kwargs)
+                             kv_valid=layer.static_kv_valid(), kv_spans=_static_spans(layer), **kwargs)
         return out.transpose(1, 2).contiguous()
     sinks, window = (0, None) if feature is None else (feature.sink_tokens, feature.window + 1)
-    out = None
-    if query.is_cuda:
+    spans = _static_spans(layer) if query.is_cuda else None
+    if spans is not None:
         from ..kernels import sink_window
 
         if sink_window.unsupported_reason(query, key, value, sink_tokens=sinks, window=window, **kwargs) is None:
-            holes = layer.static_kv_valid() if layer.has_holes else None  # rejected drafts (speculation)
             out = sink_window.sink_window_attention_segments(query, key, value, sink_tokens=sinks, window=window,
-                                                             kv_spans=layer.static_spans(), kv_holes=holes, **kwargs)
-    if out is None:  # CPU (the reference), or what the kernel cannot take (it warns once)
-        out = sink_window_attention(query, key, value, sink_tokens=sinks, window=window,
-                                    kv_valid=layer.static_kv_valid(), **kwargs)
+                                                             kv_spans=spans, **kwargs)
+            return out.transpose(1, 2).contiguous()
+    # CPU (the reference), a layer with holes (the kernel's decode path converts the mask on the device), or what
+    # the kernel cannot take (the dispatcher warns once)
+    out = sink_window_attention(query, key, value, sink_tokens=sinks, window=window,
+                                kv_valid=layer.static_kv_valid(), **kwargs)
     return out.transpose(1, 2).contiguous()
 
 

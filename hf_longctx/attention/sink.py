@@ -108,7 +108,7 @@ def packed_segments(
 
 
 def sink_window_attention(
-    query, key, value, *, kv_spans: torch.Tensor | None = None, kv_holes: bool = False, **kwargs
+    query, key, value, *, kv_spans: torch.Tensor | None = None, **kwargs
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dispatch: CUDA tensors to the Triton kernel, others to the PyTorch reference.
 
@@ -117,8 +117,6 @@ def sink_window_attention(
     (float32, an unsupported head_dim, ...) run on the reference, with a warning once per reason.
     ``kv_spans``: optional (B, 2) int32 [start, end) of each row's real keys, the same keys as ``kv_valid``
     (which must be given too): the kernel then takes them as they are, with no host sync (CUDA-graph steps).
-    ``kv_holes``: with ``kv_spans``, ``kv_valid`` may have holes (the kernel's decode path converts it on the
-    device instead of taking ``kv_spans``).
     """
     if query.is_cuda:
         try:
@@ -130,9 +128,6 @@ def sink_window_attention(
             reason = sink_window.unsupported_reason(query, key, value, **checked)
             if reason is None and kv_spans is not None:
                 kernel_kwargs = {name: value for name, value in kwargs.items() if name != "kv_valid"}
-                if kv_holes:
-                    return sink_window.sink_window_attention_segments(query, key, value, kv_holes=kwargs["kv_valid"],
-                                                                      **kernel_kwargs)
                 return sink_window.sink_window_attention_segments(query, key, value, kv_spans=kv_spans,
                                                                   **kernel_kwargs)
             if reason is None:
@@ -179,8 +174,7 @@ def sink_attention(
         position_offset: (B,) int64 tokens each row evicted: a token's true position is its logical index
             among the stored tokens plus this (the sinks excepted); None when nothing was evicted.
         **kwargs: ``scale``, ``softcap``, ``s_aux``, ``kv_valid``, ``segment_ids`` as in
-            ``kernels.reference.sink_window_attention``, and ``kv_spans`` / ``kv_holes`` as in
-            ``sink_window_attention``.
+            ``kernels.reference.sink_window_attention``, and ``kv_spans`` as in ``sink_window_attention``.
     Returns:
         (B, H, Sq, D) in ``query.dtype``.
     """

@@ -31,7 +31,6 @@ bf16 / fp16 on CUDA (fp32 only under the interpreter); head dims ``sink_window.S
 
 from __future__ import annotations
 
-
 import torch
 
 from . import sink_window as sw

@@ -911,8 +911,9 @@ def kv_valid_to_spans(kv_valid: torch.Tensor, check: bool = True) -> torch.Tenso
     """
     spans, end = _envelope(kv_valid)
     if check and not torch.compiler.is_compiling() and bool((spans[:, 1] != end).any()):
-        raise ValueError("kv_valid: each row's real tokens must form one contiguous span (left or right "
-                         "padding); this mask has holes")
+        raise ValueError("kv_valid: this mask has holes (a row's real tokens are not one contiguous span: left or "
+                         f"right padding); only decoding takes holes: no gradient, not under torch.compile, at most "
+                         f"{_SPLIT_MAX_SQ} query rows and G * Sq <= {_SPLIT_MAX_ROWS}")
     return spans
 
 
@@ -1128,7 +1129,7 @@ def _split_plan(device, B, Hkv, G, Sq, Skv, sink, window) -> tuple[int, int, int
 
 
 def _forward(q, k, v, s_aux, seg, mode, sink, window, scale, softcap, holes=None):
-    """The forward launch; ``holes``: None, or (key positions, slot bounds) from :func:`_hole_layout` for a mode-1
+    """The forward launch; ``holes``: None, or (key positions, slot bounds) from :func:`hole_layout` for a mode-1
     mask with holes (decode path only: the caller checks :func:`takes_holes`)."""
     B, H, Sq, D, Hkv, Skv, BLOCK_D, win, qk_scale, has_cap, cap_in, cap_out, prec = _common(
         q, k, window, scale, softcap)
@@ -1165,8 +1166,6 @@ def _forward(q, k, v, s_aux, seg, mode, sink, window, scale, softcap, holes=None
             BLOCK_S=max(2, triton.next_power_of_2(nsplit)), num_warps=4)
         return out, lse
 
-    if holes is not None:
-        raise ValueError("kv_valid with holes: only the decode path (few query rows) takes it")
     blocks = _outer_blocks(BLOCK_D)
     bm = blocks["fwd_m"]
     variant = _FWD_SCHEDULES.name
@@ -1388,13 +1387,11 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 def sink_window_attention_segments(query, key, value, *, sink_tokens: int, window: int | None,
                                    scale: float | None = None, softcap: float | None = None,
                                    s_aux: torch.Tensor | None = None, kv_spans: torch.Tensor | None = None,
-                                   kv_holes: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+                                   segments: torch.Tensor | None = None,
                                    return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Lower-level entry: masks already converted (no host sync, no mask checks).
 
     ``kv_spans``: (B, 2) int32 [start, end) of each row's real keys (from :func:`kv_valid_to_spans`).
-    ``kv_holes``: instead of ``kv_spans``, a (B, Skv) bool real-key mask that may have holes (decode path only;
-    converted on the device by :func:`hole_layout`, so a CUDA graph can capture the call).
     ``segments``: (n_seg, 5) int32 from :func:`segment_table` (packed sequences; Sq == Skv).
     Returns (B, H, Sq, D) in query.dtype (memory laid out as (B, Sq, H, D)); with ``return_lse`` also the
     (B, H, Sq) float32 natural-log LSE of each row (``s_aux`` included; -inf for a row that sees no key),
@@ -1404,11 +1401,8 @@ def sink_window_attention_segments(query, key, value, *, sink_tokens: int, windo
                                 softcap=softcap, s_aux=s_aux)
     if reason is not None:
         raise ValueError(f"sink_window_attention_triton: {reason}")
-    holes = None
-    if kv_holes is not None:
-        kv_spans, holes = hole_layout(kv_holes, sink_tokens, window, query.shape[2])
     return _checked_call(query, key, value, sink_tokens, window, scale, softcap, s_aux, kv_spans, segments,
-                         return_lse, holes)
+                         return_lse)
 
 
 def _checked_call(query, key, value, sink_tokens, window, scale, softcap, s_aux, kv_spans, segments, return_lse,
@@ -1442,11 +1436,6 @@ def _checked_call(query, key, value, sink_tokens, window, scale, softcap, s_aux,
             int(sink_tokens), -1 if window is None else int(window), scale, 0.0 if softcap is None else float(softcap))
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad or (
         s_aux is not None and s_aux.requires_grad))
-    if holes is not None and (needs_grad or torch.compiler.is_compiling() or not takes_holes(Sq, H // key.shape[1])):
-        raise ValueError(
-            f"kv_valid with holes (real tokens not one contiguous span per row) is supported for decoding only: "
-            f"no gradient, not under torch.compile, at most {_SPLIT_MAX_SQ} query rows and G * Sq <= "
-            f"{_SPLIT_MAX_ROWS} (got Sq={Sq}, G={H // key.shape[1]})")
     if needs_grad or torch.compiler.is_compiling():
         out, lse = sink_window_fwd(*args)
     else:
@@ -1486,11 +1475,9 @@ def sink_window_attention_triton(query, key, value, *, sink_tokens: int, window:
         grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, value, s_aux))
         decoding = takes_holes(query.shape[2], query.shape[1] // key.shape[1])
         if decoding and not grad and not torch.compiler.is_compiling():
-            # any mask, converted on the device (no host sync per call and layer)
+            # any mask (holes too), converted on the device: no host sync, so a CUDA graph can capture the call
             kv_spans, holes = hole_layout(kv_valid, sink_tokens, window, query.shape[2])
         else:
-            kv_spans, end = _envelope(kv_valid)
-            if not torch.compiler.is_compiling() and bool((kv_spans[:, 1] != end).any()):  # one host sync
-                kv_spans, holes = hole_layout(kv_valid, sink_tokens, window, query.shape[2])
+            kv_spans = kv_valid_to_spans(kv_valid)  # one host sync: holes raise
     return _checked_call(query, key, value, sink_tokens, window, scale, softcap, s_aux, kv_spans, segments,
                          return_lse, holes)

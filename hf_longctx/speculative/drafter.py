@@ -194,10 +194,10 @@ class SelfDraft(Drafter):
         return self.decoder.step(slots[:, -1], mask.sum(-1) - 1)
 
     def plain_logits(self, target: PreTrainedModel, cache: LongCtxCache, sequences: Sequences) -> torch.Tensor:
-        """``Drafter.plain_logits``; with ``cuda_graphs`` a static step without the view (its own captured graph)."""
-        if self.decoder is None or sequences.length - self.cache.get_seq_length() != 1:
-            return super().plain_logits(target, cache, sequences)
-        self.decoder.reserve(2)
+        """``Drafter.plain_logits`` through ``step`` (the target over its own cache, no view set): with
+        ``cuda_graphs`` a static step, replayed from its own captured graph."""
+        if self.decoder is not None:
+            self.decoder.reserve(2)
         return self.step(sequences.slots, sequences.mask)[:, None]
 
     @torch.no_grad()
