@@ -279,6 +279,36 @@ def test_static_step_with_holes(monkeypatch, sink, window):
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("sink, window", [(0, None), (3, 9), (4, 30)])
+@pytest.mark.parametrize("device_start", [False, True])
+def test_static_block_with_q_start(monkeypatch, sink, window, device_start):
+    """A static block of speculative decoding: 5 query rows at slots 75..79 of a 90-slot buffer (q_start, an int or
+    a device tensor), keys past them masked out; against the reference on the buffer cut after the queries, where
+    they are the last rows, and against the reference given the same q_start."""
+    monkeypatch.setitem(sw.INTERPRET_BLOCKS, "split_min_keys", 16)
+    valid = _holes_mask()
+    valid[:, 80:] = False
+    q, k, v = (t.detach() for t in make_inputs(5, 4, 2, 5, 90, 32, seed=11))
+    start = torch.tensor([75]) if device_start else 75
+    kw = dict(sink_tokens=sink, window=window, softcap=2.0 if sink == 3 else None)
+    with torch.no_grad():
+        out, lse = sw.sink_window_attention_triton(q, k, v, kv_valid=valid, q_start=start, return_lse=True, **kw)
+    cut, cut_lse = reference.sink_window_attention(q, k[:, :, :80], v[:, :, :80], kv_valid=valid[:, :80],
+                                                   return_lse=True, **kw)
+    ref = reference.sink_window_attention(q, k, v, kv_valid=valid, q_start=start, **kw)
+    torch.testing.assert_close(out, cut, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse, cut_lse, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(ref, cut, atol=1e-6, rtol=1e-6)
+
+
+def test_q_start_outside_decoding_raises():
+    q, k, v = make_inputs(1, 4, 2, 5, 90, 32)
+    with pytest.raises(ValueError, match="`q_start` is for decoding only"):
+        sw.sink_window_attention_triton(q, k, v, sink_tokens=0, window=None, kv_valid=_holes_mask()[:1], q_start=75)
+    with pytest.raises(ValueError, match="`q_start` needs `kv_valid`"):
+        sw.sink_window_attention_triton(q.detach(), k, v, sink_tokens=0, window=None, q_start=75)
+
+
 def test_holes_outside_decode_raise():
     valid = _holes_mask()
     q, k, v = make_inputs(5, 4, 2, 5, 90, 32)

@@ -124,7 +124,7 @@ def sink_window_attention(
         except ImportError as exc:  # triton missing or broken on this machine
             reason = f"the Triton kernel cannot be imported ({exc})"
         else:
-            checked = {name: value for name, value in kwargs.items() if name != "return_lse"}
+            checked = {name: value for name, value in kwargs.items() if name not in ("return_lse", "q_start")}
             reason = sink_window.unsupported_reason(query, key, value, **checked)
             if reason is None and kv_spans is not None:
                 kernel_kwargs = {name: value for name, value in kwargs.items() if name != "kv_valid"}

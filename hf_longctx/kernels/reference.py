@@ -88,6 +88,7 @@ def sink_window_attention(
     query_chunk: int = 256,
     key_chunk: int = 1024,
     return_lse: bool = False,
+    q_start: torch.Tensor | int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal attention restricted to ``sink_tokens`` first keys plus a recent ``window``.
 
@@ -105,6 +106,9 @@ def sink_window_attention(
         query_chunk, key_chunk: tile sizes (tokens); they bound memory, not the result.
         return_lse: also return the log-sum-exp of each row's scores (``s_aux`` included), to merge this
             attention with one over other keys.
+        q_start: the slot of the first query (the queries are slots ``q_start`` .. ``q_start + Sq - 1``, keys past
+            them are not attended); an int or a (1,) int64 tensor (read on the device: a static block of
+            speculative decoding); None: the last Sq slots.
     Returns:
         (B, H, Sq, D) in ``query.dtype``; with ``return_lse``, also (B, H, Sq) float32 natural-log LSE,
         -inf for a row that sees no key.
@@ -121,7 +125,8 @@ def sink_window_attention(
         else kv_valid.to(device=device, dtype=torch.bool)
     )
     segments = segment_ids.to(device) if segment_ids is not None else None
-    q_offset = kv_len - q_len
+    q_offset = kv_len - q_len if q_start is None else q_start
+    on_device = isinstance(q_offset, torch.Tensor)  # then every key block is visited (no host read of the start)
     # Skipping invisible key blocks reads the positions on the host: not while a CUDA graph is being captured
     # (graph-decoded steps of float32 or soft-capped models run here), where it would break the capture.
     skip_blocks = window is not None and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
@@ -131,12 +136,12 @@ def sink_window_attention(
     if s_aux is not None:
         aux = s_aux.float().reshape(1, kv_heads, groups, 1)
     outputs, lses = [], []
-    for q_start in range(0, q_len, query_chunk):
-        q_stop = min(q_start + query_chunk, q_len)
-        chunk = q_stop - q_start
-        abs_q = torch.arange(q_offset + q_start, q_offset + q_stop, device=device)
+    for first in range(0, q_len, query_chunk):
+        q_stop = min(first + query_chunk, q_len)
+        chunk = q_stop - first
+        abs_q = q_offset + torch.arange(first, q_stop, device=device)
         q_pos = positions[:, abs_q]  # (B, chunk)
-        q_blk = q_grouped[:, :, :, q_start:q_stop].float().reshape(batch, kv_heads, groups * chunk, head_dim)
+        q_blk = q_grouped[:, :, :, first:q_stop].float().reshape(batch, kv_heads, groups * chunk, head_dim)
 
         if s_aux is None:
             row_max = torch.full((batch, kv_heads, groups, chunk), float("-inf"), device=device)
@@ -146,7 +151,7 @@ def sink_window_attention(
             row_sum = torch.ones(batch, kv_heads, groups, chunk, device=device)
         acc = torch.zeros(batch, kv_heads, groups, chunk, head_dim, device=device)
 
-        last_key = q_offset + q_stop  # causal: no query of the chunk sees keys at or past this
+        last_key = kv_len if on_device else q_offset + q_stop  # causal: no query of the chunk sees keys past it
         for k_start in range(0, last_key, key_chunk):
             k_stop = min(k_start + key_chunk, last_key)
             k_pos = positions[:, k_start:k_stop]

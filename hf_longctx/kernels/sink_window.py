@@ -446,15 +446,17 @@ if triton is not None:
         r_ok = offs_r < G * Sq
         h = hk * G + g
         rows = Skv - Sq + i
+        if HOLES:  # the query rows' slots start where BOUNDS says (a static block of speculative decoding)
+            rows = tl.load(BOUNDS + b * 4 + 3) + i
         kmax = tl.minimum(rows + 1, k_hi)
         kend = tl.minimum(Skv, k_hi)
         # the union of the keys seen by the Sq query rows: sinks, then the window (slot ranges)
         if HOLES:  # logical indices from KPOS (-1 for a hole), slot bounds and real count from BOUNDS (hole_layout)
             inside = rows < k_hi  # a query past the span (a static step's) sees every real key
             L = tl.load(KPOS + b.to(tl.int64) * Skv + rows, mask=r_ok & inside, other=0)
-            L = tl.where(inside, L, tl.load(BOUNDS + b * 3 + 2))
-            sink_end = tl.load(BOUNDS + b * 3)
-            win_lo = tl.maximum(tl.load(BOUNDS + b * 3 + 1), sink_end)
+            L = tl.where(inside, L, tl.load(BOUNDS + b * 4 + 2))
+            sink_end = tl.load(BOUNDS + b * 4)
+            win_lo = tl.maximum(tl.load(BOUNDS + b * 4 + 1), sink_end)
         else:
             L = tl.minimum(tl.maximum(rows - k_lo, 0), n_k)
             sink_end = tl.maximum(tl.minimum(k_lo + SINK, kend), k_lo)
@@ -929,18 +931,21 @@ def _envelope(kv_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([first, first + count], dim=1).to(torch.int32).contiguous(), end
 
 
-def hole_layout(kv_valid: torch.Tensor, sink_tokens: int, window: int | None,
-                q_len: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+def hole_layout(kv_valid: torch.Tensor, sink_tokens: int, window: int | None, q_len: int,
+                q_start: torch.Tensor | int | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """The decode path's view of a (B, Skv) padding mask with holes (e.g. the rejected draft slots of speculative
     decoding). No host sync.
 
+    Args:
+        q_start: the slot of the first query row, the same in every row: an int or a (1,) int64 device tensor
+            (a static block's counter); None: the last ``q_len`` slots hold the queries.
     Returns:
         spans: (B, 2) int32 [first real slot, last real slot + 1) (the kernel's mode-1 spans).
         (positions, bounds): (B, Skv) int32 logical index of each slot (real tokens before it; -1 for padding
-            and holes), so sinks and windows count real tokens as the reference does; (B, 3) int32: one past the
+            and holes), so sinks and windows count real tokens as the reference does; (B, 4) int32: one past the
             slot of the ``sink_tokens``-th real token (the span's start without sinks), the first slot of the
-            first query row's window (the span's start without a window), and the number of real tokens (the
-            logical index of a query past the span, as in a static decoding step).
+            first query row's window (the span's start without a window), the number of real tokens (the
+            logical index of a query past the span, as in a static decoding step), and the first query row's slot.
     """
     spans, end = _envelope(kv_valid)
     real = kv_valid.to(torch.int32)
@@ -949,19 +954,23 @@ def hole_layout(kv_valid: torch.Tensor, sink_tokens: int, window: int | None,
     positions = torch.where(kv_valid.to(torch.bool), before, -1).to(torch.int32).contiguous()
     first = spans[:, 0]
     B, S = real.shape
+    if q_start is None or isinstance(q_start, int):  # a fill, not a host-to-device copy (CUDA-graph capture)
+        q_slot = torch.full((B, 1), S - q_len if q_start is None else q_start, dtype=torch.int64, device=real.device)
+    else:
+        q_slot = q_start.to(torch.int64).reshape(1, 1).expand(B, 1)
     if sink_tokens > 0:
         target = torch.full((B, 1), sink_tokens, dtype=torch.int32, device=real.device)
         sink_end = torch.minimum(torch.searchsorted(seen, target)[:, 0].to(torch.int32) + 1, end)
     else:
         sink_end = first
     if window is not None:
-        lowest = before[:, S - q_len: S - q_len + 1] - window + 1  # the first query row's oldest visible token
+        lowest = before.gather(1, q_slot) - window + 1  # the first query row's oldest visible token
         win_lo = torch.maximum(torch.searchsorted(before, lowest)[:, 0].to(torch.int32), first)
     else:
         win_lo = first
     spans = torch.stack([first, end], dim=1).to(torch.int32).contiguous()
-    bounds = torch.stack([sink_end, win_lo, seen[:, -1]], dim=1).to(torch.int32).contiguous()
-    return spans, (positions, bounds)
+    bounds = torch.stack([sink_end, win_lo, seen[:, -1], q_slot[:, 0].to(torch.int32)], dim=1)
+    return spans, (positions, bounds.to(torch.int32).contiguous())
 
 
 def segment_table(segment_ids: torch.Tensor, kv_valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -1450,8 +1459,9 @@ def sink_window_attention_triton(query, key, value, *, sink_tokens: int, window:
                                  scale: float | None = None, softcap: float | None = None,
                                  s_aux: torch.Tensor | None = None, kv_valid: torch.Tensor | None = None,
                                  segment_ids: torch.Tensor | None = None, query_chunk: int | None = None,
-                                 key_chunk: int | None = None,
-                                 return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                                 key_chunk: int | None = None, return_lse: bool = False,
+                                 q_start: torch.Tensor | int | None = None
+                                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sink + sliding-window causal attention (Triton), same contract as the PyTorch reference.
 
     query (B, H, Sq, D); key, value (B, H_kv, Skv, D); queries are the last Sq of the Skv positions.
@@ -1463,11 +1473,16 @@ def sink_window_attention_triton(query, key, value, *, sink_tokens: int, window:
     query.dtype; differentiable in query, key, value and s_aux. Unsupported input -> ValueError.
     ``query_chunk`` / ``key_chunk`` are the reference's tile sizes, accepted and ignored here.
     ``return_lse``: also return the (B, H, Sq) float32 natural-log LSE, as the reference does.
+    ``q_start``: decoding with ``kv_valid`` only: the query rows are the slots from ``q_start`` on (an int or a (1,)
+    int64 device tensor, no host sync) instead of the last Sq; keys past them must be masked out in ``kv_valid``.
     """
     reason = unsupported_reason(query, key, value, sink_tokens=sink_tokens, window=window, scale=scale,
                                 softcap=softcap, s_aux=s_aux, kv_valid=kv_valid, segment_ids=segment_ids)
     if reason is not None:
         raise ValueError(f"sink_window_attention_triton: {reason}")
+    if q_start is not None and (kv_valid is None or segment_ids is not None):
+        raise ValueError("sink_window_attention_triton: `q_start` needs `kv_valid` (the keys past the queries "
+                         "masked out) and no `segment_ids`")
     kv_spans = segments = holes = None
     if segment_ids is not None:
         segments = segment_table(segment_ids, kv_valid)
@@ -1476,7 +1491,10 @@ def sink_window_attention_triton(query, key, value, *, sink_tokens: int, window:
         decoding = takes_holes(query.shape[2], query.shape[1] // key.shape[1])
         if decoding and not grad and not torch.compiler.is_compiling():
             # any mask (holes too), converted on the device: no host sync, so a CUDA graph can capture the call
-            kv_spans, holes = hole_layout(kv_valid, sink_tokens, window, query.shape[2])
+            kv_spans, holes = hole_layout(kv_valid, sink_tokens, window, query.shape[2], q_start)
+        elif q_start is not None:
+            raise ValueError("sink_window_attention_triton: `q_start` is for decoding only (no gradient, at most "
+                             f"{_SPLIT_MAX_SQ} query rows and {_SPLIT_MAX_ROWS} rows per key/value head)")
         else:
             kv_spans = kv_valid_to_spans(kv_valid)  # one host sync: holes raise
     return _checked_call(query, key, value, sink_tokens, window, scale, softcap, s_aux, kv_spans, segments,
