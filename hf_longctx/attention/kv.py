@@ -155,7 +155,10 @@ def _static_spans(layer) -> torch.Tensor | None:
 
 def _static_attention(module, layer, query, key, value, scaling, sliding_window, softcap, s_aux) -> torch.Tensor:
     """A static one-token step (module docstring): (B, Sq=1, H, D) contiguous attention over the slots below the
-    layer's device counter, the query one past them (windows + 1)."""
+    layer's device counter, the query one past them (windows + 1); or a static block (``layer.block``): (B, Sq, H, D),
+    the queries at their own slots from the counter on."""
+    if layer.block:
+        return _static_block_attention(module, layer, query, key, value, scaling, sliding_window, softcap, s_aux)
     if layer.policy is not None and layer.view is None:  # draft steps leave no scores
         layer.observe_static(query, scaling, softcap)
     feature = layer.view if layer.view is not None else static_rule(module, sliding_window)
@@ -184,6 +187,19 @@ def _static_attention(module, layer, query, key, value, scaling, sliding_window,
     # the kernel cannot take (the dispatcher warns once)
     out = sink_window_attention(query, key, value, sink_tokens=sinks, window=window,
                                 kv_valid=layer.static_kv_valid(), **kwargs)
+    return out.transpose(1, 2).contiguous()
+
+
+def _static_block_attention(module, layer, query, key, value, scaling, sliding_window, softcap, s_aux):
+    """A static block: the Sq queries sit at the Sq slots from the layer's device counter (the kernel's ``q_start``,
+    read on the device), causal among themselves, over the real slots before them."""
+    feature = static_rule(module, sliding_window)
+    if moves_sinks(feature):
+        raise ValueError("longctx_kv: a static block cannot apply a sink rule that moves its sinks "
+                         "(positions='cache' or distance_limit)")
+    sinks, window = (0, None) if feature is None else (feature.sink_tokens, feature.window)
+    out = sink_window_attention(query, key, value, sink_tokens=sinks, window=window, kv_valid=layer.block_kv_valid(),
+                                q_start=layer.static_length, scale=scaling, softcap=softcap, s_aux=s_aux)
     return out.transpose(1, 2).contiguous()
 
 

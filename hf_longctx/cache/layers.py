@@ -46,6 +46,12 @@ for the policy in a fixed buffer; the ``longctx_kv`` attention then reads only t
 counter. Nothing in such a step depends on the stored length on the host, so one captured step serves every
 length. The buffers never move while static (no growth or shrinking: ``reserve_static`` sizes them first);
 evictions, prefills and crops run eagerly between steps and set the device counter.
+
+Static blocks (speculative verification, ``hf_longctx.speculative.rounds``): after ``begin_block(k)`` the next
+update writes its k tokens at the k slots from the device counter and the attention reads them as queries at those
+slots (``block_kv_valid``, the kernel's ``q_start``); ``accept_block`` then keeps each row's accepted prefix of the
+block (the other slots become holes) and moves the counter past the block. Draft steps before it are undone by
+``rewind_static`` (the counter moves back on the device). None of it reads a length on the host.
 """
 
 from __future__ import annotations
@@ -116,6 +122,7 @@ class LongCtxLayer(CacheLayerMixin):
         self._static_pending: torch.Tensor | None = None  # (B, H, _PENDING_STEPS, D) decoding queries, unscored
         self._static_slot: torch.Tensor | None = None  # (1,) int64 device index of the next pending query
         self._static_count = 0  # pending queries in `_static_pending` (host mirror of `_static_slot`)
+        self.block = 0  # tokens of the static block the next update writes (0: none; ``begin_block``)
 
     # ----------------------------------------------------------------------------------- sizes
     @property
@@ -240,9 +247,10 @@ class LongCtxLayer(CacheLayerMixin):
         target = self.eviction_target(new)
         if target is not None:
             self._evict(target, incoming=new)
-        self.static_step = self.static and new == 1
+        self.static_step = self.static and (new == 1 or self.block > 0)
         if self.static_step:
-            return self._static_update(key_states, value_states)
+            return self._block_update(key_states, value_states) if self.block else self._static_update(
+                key_states, value_states)
         start, stop = self.stored_length, self.stored_length + new
         self._make_room(stop, new)
         if self.record_past and self.policy is not None:
@@ -367,6 +375,62 @@ class LongCtxLayer(CacheLayerMixin):
         announce(self, self.keys)
         self._awaiting_report = self.policy is not None
         return self.keys, self.values
+
+    def begin_block(self, tokens: int) -> None:
+        """Make the next update (of ``tokens`` tokens, while static and without a policy) a static block."""
+        if not self.static or self.policy is not None:
+            raise ValueError(f"LongCtxCache: layer {self.layer_idx}: a static block needs static decoding without "
+                             "eviction")
+        self.block = tokens
+
+    def _block_update(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Write the block's tokens at the slots from the device counter; return the whole buffers."""
+        if key_states.shape[-2] != self.block or self.stored_length + self.block >= self.capacity:
+            raise RuntimeError(
+                f"LongCtxCache: layer {self.layer_idx}: a static block of {self.block} tokens got "
+                f"{key_states.shape[-2]}, or does not fit ({self.stored_length} of {self.capacity} slots stored)"
+            )
+        slots = self.static_length + torch.arange(self.block, device=self.device)
+        self.keys.index_copy_(2, slots, key_states)
+        self.values.index_copy_(2, slots, value_states)
+        self.valid.index_fill_(1, slots, True)
+        self.scores.index_fill_(2, slots, 0.0)
+        announce(self, self.keys)
+        return self.keys, self.values
+
+    def block_kv_valid(self) -> torch.Tensor:
+        """(B, capacity) bool: the real slots below the device counter and the block's slots after it."""
+        return self.valid & (torch.arange(self.capacity, device=self.device) < self.static_length + self.block)
+
+    def accept_block(self, accepted: torch.Tensor) -> None:
+        """End the block: slot j of row b stays real if j <= ``accepted[b]`` ((B,) int64), the rest become holes;
+        the device counter (and its host mirrors) move past the block."""
+        tokens = self.block
+        offsets = torch.arange(tokens, device=self.device)
+        self.valid.index_copy_(1, self.static_length + offsets, offsets <= accepted[:, None].to(self.device))
+        self.static_length.add_(tokens)
+        self.block = 0
+        self.advance_block(tokens)
+
+    def advance_block(self, tokens: int) -> None:
+        """Host bookkeeping of an accepted block of ``tokens`` slots (also after a replayed one)."""
+        self.stored_length += tokens
+        self.cumulative_length += tokens
+        self._since_eviction += tokens
+        self.padded = self.has_holes = True
+
+    def expect_holes(self) -> None:
+        """Static blocks will leave holes: take the masked path from the next step on, so that the code path (and
+        a graph captured on it) does not change after the first block."""
+        self.padded = self.has_holes = True
+
+    def rewind_static(self, tokens: int) -> None:
+        """Forget the last ``tokens`` static steps (the draft steps before a block): the device counter moves back
+        by that many, with no host value written to the device."""
+        self.static_length.sub_(tokens)
+        self.stored_length -= tokens
+        self.cumulative_length -= tokens
+        self._since_eviction -= tokens
 
     def static_kv_valid(self) -> torch.Tensor:
         """(B, capacity) bool: the slots below the device counter that hold real tokens."""

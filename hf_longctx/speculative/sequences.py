@@ -124,21 +124,12 @@ class Sequences:
 
     def _append_at_once(self, columns: torch.Tensor, holes: torch.Tensor, active: torch.Tensor,
                         stopping: StoppingCriteriaList, first: int) -> None:
-        """``append``'s column loop without host syncs, for max-length and EOS criteria only: a row emits its
-        non-hole columns up to and including the first one that stops it."""
-        candidates = active[:, None] & ~holes
-        counts = self.counts[:, None] + candidates.long().cumsum(dim=1)  # emitted so far, if nothing stopped
-        stops = torch.zeros_like(candidates)
-        for criterion in stopping:
-            if isinstance(criterion, MaxLengthCriteria):
-                stops |= self.prompt + counts >= criterion.max_length
-            else:
-                stops |= torch.isin(columns, criterion.eos_token_id.to(columns.device))
-        stops &= candidates
-        emits = candidates & (stops.long().cumsum(dim=1) - stops.long() == 0)  # nothing stopped the row before
+        """``append``'s column loop without host syncs, for max-length and EOS criteria only."""
+        room, eos = stop_rule(stopping, self.prompt)
+        emits, stopped = emitted(columns, active[:, None] & ~holes, self.counts, room, eos)
         self.member[:, first:] = emits
         self.counts += emits.long().sum(dim=1)
-        active &= ~(stops & emits).any(dim=1)
+        active &= ~stopped
 
     def _finished(self, stopping: StoppingCriteriaList, token: torch.Tensor) -> torch.Tensor:
         """(B,) bool rows whose sequence (ending with ``token``) meets a stopping criterion."""
@@ -157,3 +148,38 @@ class Sequences:
                 rows = (self.counts == count).nonzero()[:, 0]
                 done[rows] |= others(sequences[rows, : self.prompt + count], None)
         return done
+
+
+def stop_rule(stopping: StoppingCriteriaList, prompt: int) -> tuple[int | None, torch.Tensor | None]:
+    """Max-length and EOS criteria (the only ones given) as (the most tokens a row may emit, or None; the (E,) EOS
+    ids, or None), for prompts of ``prompt`` columns."""
+    room, eos = None, []
+    for criterion in stopping:
+        if isinstance(criterion, MaxLengthCriteria):
+            limit = criterion.max_length - prompt
+            room = limit if room is None else min(room, limit)
+        else:
+            eos.append(criterion.eos_token_id.reshape(-1))
+    return room, torch.cat(eos) if eos else None
+
+
+def emitted(columns: torch.Tensor, candidates: torch.Tensor, counts: torch.Tensor, room: int | None,
+            eos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which of a round's tokens each row emits, with no host sync: its candidate columns in order, up to and
+    including the first that stops it (an EOS token, or the ``room``-th token of the row).
+
+    Args:
+        columns: (B, k) int64 the round's tokens; candidates: (B, k) bool those a row would emit (active rows,
+            no holes); counts: (B,) int64 tokens emitted before; room: the most tokens a row emits (None: no
+            limit); eos: (E,) int64 EOS ids or None.
+    Returns:
+        ((B, k) bool emitted columns, (B,) bool rows that stopped).
+    """
+    stops = torch.zeros_like(candidates)
+    if room is not None:
+        stops |= counts[:, None] + candidates.long().cumsum(dim=1) >= room
+    if eos is not None:
+        stops |= torch.isin(columns, eos.to(columns.device))
+    stops &= candidates
+    emits = candidates & (stops.long().cumsum(dim=1) - stops.long() == 0)  # nothing stopped the row before
+    return emits, (stops & emits).any(dim=1)

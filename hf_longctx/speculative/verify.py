@@ -49,15 +49,20 @@ def sample_accept(
     uniform = torch.rand(batch, drafted, generator=generator, device=draft_tokens.device)
     accepted = (uniform * q <= p).long().cumprod(-1).sum(-1)  # u <= p / q, without dividing by q = 0
     rows = torch.arange(batch, device=draft_tokens.device)
-    residual = target_probs[rows, accepted].clone()  # p at the first rejected position, or the bonus p_G
-    rejected = accepted < drafted
+    p_next = target_probs[rows, accepted]  # p at the first rejected position, or the bonus p_G
     padded_q = torch.cat([draft_probs, draft_probs.new_zeros(batch, 1, draft_probs.shape[-1])], dim=1)
-    residual[rejected] = (residual[rejected] - padded_q[rows, accepted][rejected]).clamp(min=0)
+    residual = torch.where((accepted < drafted)[:, None], (p_next - padded_q[rows, accepted]).clamp(min=0), p_next)
     # p == q exactly leaves no mass after a rejection (which then has probability 0): fall back to p.
-    empty = residual.sum(-1) <= 0
-    residual[empty] = target_probs[rows, accepted][empty]
-    next_token = torch.multinomial(residual, 1, generator=generator)[:, 0]
-    return accepted, next_token
+    residual = torch.where(residual.sum(-1, keepdim=True) <= 0, p_next, residual)
+    return accepted, sample_from(residual, generator)
+
+
+def sample_from(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B,) int64 one token per row drawn with probability proportional to ``weights`` ((B, V) >= 0, not
+    necessarily normalised), by the exponential race argmax(w / E), E ~ Exp(1): no host sync (a CUDA graph can
+    capture it), unlike ``torch.multinomial``'s checks."""
+    race = torch.empty_like(weights, dtype=torch.float32).exponential_(generator=generator)
+    return (weights.float() / race).argmax(-1)
 
 
 def common_acceptance(
