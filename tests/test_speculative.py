@@ -385,7 +385,8 @@ def test_self_speculation_with_graphs_requested_on_cpu_equals_generate(family, m
 
 
 def test_self_speculation_with_graphs_adaptive_and_a_cache_passed_in(monkeypatch):
-    model, calls = tiny_model("llama"), count_static_draft_steps(monkeypatch)
+    """A cache passed in, no processor reading the ids: the graph-captured rounds run (``StaticRounds``)."""
+    model, calls = tiny_model("llama"), count_static_rounds(monkeypatch)
     ids, mask = left_padded(4, 20, 96)
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=14, do_sample=False)
     expected = model.generate(**kwargs)
@@ -519,3 +520,120 @@ def test_append_without_syncs_matches_the_column_loop(seed):
         assert torch.equal(fast.member, loop.member) and torch.equal(fast.counts, loop.counts)
         assert torch.equal(active_fast, active_loop)
     assert not active_loop.all() and torch.equal(fast.output(torch.tensor(0)), loop.output(torch.tensor(0)))
+
+
+# ------------------------------------------------------------- graph-captured rounds (rounds.StaticRounds)
+def count_static_rounds(monkeypatch):
+    """Record (draft length, the round's status) of every ``StaticRounds.run``."""
+    from hf_longctx.speculative.rounds import StaticRounds
+
+    calls = []
+    run = StaticRounds.run
+    monkeypatch.setattr(StaticRounds, "run", lambda self, drafts: (lambda status: (
+        calls.append((drafts, status)), status)[1])(run(self, drafts)))
+    return calls
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gemma2"])
+def test_static_rounds_equal_generate(family, monkeypatch):
+    """Rounds on static buffers (run eagerly on CPU, the code a CUDA graph captures): greedy tokens are plain
+    generate's, batch 1 and 4 left-padded, fixed and adaptive lengths; drafts are accepted (the rounds emit more
+    tokens than there are rounds) and the cache leaves static decoding."""
+    model, calls = tiny_model(family), count_static_rounds(monkeypatch)
+    for batch in (1, 4):
+        ids, mask = left_padded(batch, 24, 96)
+        kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
+        expected = model.generate(**kwargs)
+        for drafts in (3, "adaptive"):
+            calls.clear()
+            spec = lc.Speculative(draft="self", draft_kv=VIEW, num_draft_tokens=drafts, cuda_graphs=True)
+            out = model.generate(**kwargs, custom_generate=lc.speculative_generate, speculative=spec,
+                                 return_dict_in_generate=True)
+            assert torch.equal(out.sequences, expected), (batch, drafts)
+            assert calls and not any(layer.static or layer.block for layer in out.past_key_values.layers)
+            if drafts == 3:
+                accepted = sum(status[1] for _, status in calls)
+                assert accepted > 0 and len(calls) < 23, (accepted, len(calls))
+
+
+def test_static_rounds_stop_at_eos_per_row(monkeypatch):
+    """Rows that reach EOS at different rounds stop there (padded afterwards), as plain generate's do."""
+    model, calls = tiny_model("llama"), count_static_rounds(monkeypatch)
+    ids, mask = left_padded(4, 24, 96)
+    free = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
+    eos = int(free[0, 24 + 5])  # a token row 0 emits mid-way: as EOS it stops that row early
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=eos,
+                  pad_token_id=1)
+    expected = model.generate(**kwargs)
+    spec = lc.Speculative(draft="self", draft_kv=VIEW, num_draft_tokens=4, cuda_graphs=True)
+    got = model.generate(**kwargs, custom_generate=lc.speculative_generate, speculative=spec)
+    assert calls and torch.equal(got, expected)
+    assert (expected[0, 24 + 6:] == 1).all()  # row 0 really stopped early
+
+
+def test_static_rounds_sampling_two_sample_test(monkeypatch):
+    """Sampling in the rounds (drafts drawn by the exponential race, ``sample_accept``) keeps the target's
+    distribution of the first drafted token; the wrong rule, resampling from p after a rejection, does not."""
+    from hf_longctx.speculative import rounds
+
+    model, calls = sharp_tiny(0), count_static_rounds(monkeypatch)
+    prompt = torch.randint(0, 8, (1, 40), generator=torch.Generator().manual_seed(4))
+    ids = prompt.expand(4000, -1)
+    spec = lc.Speculative(draft="self", draft_kv="streaming:budget=2,sink_tokens=1", num_draft_tokens=2,
+                          cuda_graphs=True)
+
+    def distribution(generate, seed):
+        torch.manual_seed(seed)
+        out = generate(input_ids=ids, max_new_tokens=3, do_sample=True, top_k=None, pad_token_id=0,
+                       eos_token_id=None)
+        return torch.bincount(out[:, 41], minlength=8).float() / ids.shape[0]
+
+    ours = lambda **kw: model.generate(**kw, custom_generate=lc.speculative_generate, speculative=spec)  # noqa: E731
+    expected = distribution(model.generate, 1)
+    got = distribution(ours, 2)
+    assert calls
+    monkeypatch.setattr(rounds, "sample_accept", resample_from_p)
+    wrong = distribution(ours, 2)
+    total_variation = lambda dist: 0.5 * (dist - expected).abs().sum().item()  # noqa: E731
+    assert total_variation(got) < 0.05 and total_variation(wrong) > 0.1, (total_variation(got), total_variation(wrong))
+
+
+def test_rounds_fall_back_to_eager_rounds_and_say_why(monkeypatch, caplog):
+    """A logits processor that reads the ids (min_new_tokens) cannot be captured: the eager rounds run, tokens are
+    still generate's, and a warning names the processor."""
+    from transformers.utils import logging as hf_logging
+
+    model, calls = tiny_model("llama"), count_static_rounds(monkeypatch)
+    ids, mask = left_padded(2, 24, 96)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    spec = lc.Speculative(draft="self", draft_kv=VIEW, num_draft_tokens=2, cuda_graphs=True)
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            got = model.generate(**kwargs, custom_generate=lc.speculative_generate, speculative=spec)
+    finally:
+        hf_logging.disable_propagation()
+    assert torch.equal(got, model.generate(**kwargs)) and not calls
+    assert "the logits processor MinLengthLogitsProcessor reads the ids" in caplog.text
+
+
+def test_draft_length_picks_the_best_modelled_rate():
+    """DraftLength: warm-up lengths first (start, then plain steps), then the length maximising E(G) / t(G) with
+    t(G) = t(0) + G * s from the timed rounds and the measured acceptance rate."""
+    from hf_longctx.speculative import DraftLength
+
+    def decide(acceptance_per_row, plain, per_draft):
+        rule, chosen = DraftLength(8, start=4, warmup=2, skip=1), []
+        for _ in range(6):
+            drafts = rule.next()
+            chosen.append(drafts)
+            # one row: `accepted` of 4 drafts accepted, then a rejection (4 tested for 3 accepted: a = 0.75)
+            rule.record(drafts, plain + drafts * per_draft, acceptance_per_row, 0, 1)
+        assert chosen == [4, 4, 4, 0, 0, 0]
+        return rule.next()
+
+    # a = 0.75, t(G) = 1 + 0.1 G: E(G) / t(G) is 1.59, 1.93, 2.10, 2.18, 2.19, 2.17 ... for G = 1 .. 6
+    assert decide(3, plain=1.0, per_draft=0.1) == 5
+    assert decide(1, plain=1.0, per_draft=1.0) == 0  # a = 0.5, drafts as dear as a step: plain steps pay more
+    with pytest.raises(ValueError, match="`longest` must be an integer >= 1"):
+        DraftLength(0)

@@ -73,7 +73,7 @@ def claim(key: torch.Tensor) -> Any:
 def _sink_rule(module: torch.nn.Module, sliding_window: int | None, kv_len: int) -> SinkAttention:
     """This layer's rule: its own sliding window, the patched sink feature, or dense (a window over all
     ``kv_len`` stored keys)."""
-    rule = static_rule(module, sliding_window)
+    rule = static_rule(module.config, sliding_window)
     return rule if rule is not None else SinkAttention(sink_tokens=0, window=max(kv_len, 1))
 
 
@@ -132,11 +132,12 @@ def kv_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
-def static_rule(module: torch.nn.Module, sliding_window: int | None) -> SinkAttention | None:
-    """The sink/window rule of a static step (:func:`_sink_rule` without the stored length), None for dense."""
+def static_rule(config: Any, sliding_window: int | None) -> SinkAttention | None:
+    """The sink/window rule of a static step (:func:`_sink_rule` without the stored length), None for dense;
+    ``config``: the attention module's (text) config."""
     if sliding_window is not None:
         return SinkAttention(sink_tokens=0, window=sliding_window)
-    saved = (getattr(module.config, "longctx", None) or {}).get("attention")
+    saved = (getattr(config, "longctx", None) or {}).get("attention")
     feature = parse_feature("attention", saved) if saved else None
     return feature if isinstance(feature, SinkAttention) else None
 
@@ -161,7 +162,7 @@ def _static_attention(module, layer, query, key, value, scaling, sliding_window,
         return _static_block_attention(module, layer, query, key, value, scaling, sliding_window, softcap, s_aux)
     if layer.policy is not None and layer.view is None:  # draft steps leave no scores
         layer.observe_static(query, scaling, softcap)
-    feature = layer.view if layer.view is not None else static_rule(module, sliding_window)
+    feature = layer.view if layer.view is not None else static_rule(module.config, sliding_window)
     kwargs = dict(scale=scaling, softcap=softcap, s_aux=s_aux)
     if moves_sinks(feature):
         # The kernels see the query at logical index n (its true one is n - 1): with window w + 1 the "cache"
@@ -193,7 +194,7 @@ def _static_attention(module, layer, query, key, value, scaling, sliding_window,
 def _static_block_attention(module, layer, query, key, value, scaling, sliding_window, softcap, s_aux):
     """A static block: the Sq queries sit at the Sq slots from the layer's device counter (the kernel's ``q_start``,
     read on the device), causal among themselves, over the real slots before them."""
-    feature = static_rule(module, sliding_window)
+    feature = static_rule(module.config, sliding_window)
     if moves_sinks(feature):
         raise ValueError("longctx_kv: a static block cannot apply a sink rule that moves its sinks "
                          "(positions='cache' or distance_limit)")

@@ -165,11 +165,7 @@ class SelfDraft(Drafter):
 
     def __init__(self, model: PreTrainedModel, cache: LongCtxCache, speculative: Speculative):
         super().__init__(model, cache, speculative)
-        kv = speculative.self_view
-        self.view = SinkAttention(sink_tokens=kv.sink_tokens, window=kv.budget - kv.sink_tokens)
-        if speculative.cuda_graphs and cache.kv is not None:
-            raise ValueError(f"Speculative: `cuda_graphs` needs a LongCtxCache without eviction (kv=None), got kv="
-                             f"{cache.kv!r}")
+        self.view = draft_view(speculative, cache)
         self.decoder: GraphDecoder | None = None
 
     def prefill(self, sequences: Sequences) -> None:
@@ -212,6 +208,19 @@ class SelfDraft(Drafter):
         finally:
             self.cache.set_view(None)
             self.cache.crop(seen - self.cache.get_seq_length())
+
+
+def draft_view(speculative: Speculative, cache: LongCtxCache) -> SinkAttention:
+    """The sink + window rule self-speculation drafts through (from ``speculative.self_view``).
+
+    Raises:
+        ValueError: ``cuda_graphs`` over a cache that evicts.
+    """
+    if speculative.cuda_graphs and cache.kv is not None:
+        raise ValueError(f"Speculative: `cuda_graphs` needs a LongCtxCache without eviction (kv=None), got kv="
+                         f"{cache.kv!r}")
+    kv = speculative.self_view
+    return SinkAttention(sink_tokens=kv.sink_tokens, window=kv.budget - kv.sink_tokens)
 
 
 def load_draft(speculative: Speculative, target: PreTrainedModel) -> Speculative:

@@ -31,15 +31,19 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.generation import GenerateDecoderOnlyOutput, LogitsProcessorList, StoppingCriteriaList
+from transformers.utils import logging
 
 from ..attention.kv import KV_ATTENTION_NAME
 from ..cache import LongCtxCache, LongCtxLayer
 from ..config import Speculative, parse_feature
-from .drafter import Drafter, DraftModel, SelfDraft
+from . import rounds
+from .drafter import Drafter, DraftModel, SelfDraft, draft_view
 from .forward import forward_unseen
-from .gain import SpeculationGain
-from .sequences import Sequences
+from .gain import DraftLength, SpeculationGain
+from .sequences import Sequences, stop_rule
 from .verify import common_acceptance, greedy_accept, sample_accept
+
+logger = logging.get_logger(__name__)
 
 _UNSUPPORTED_OUTPUTS = ("output_scores", "output_logits", "output_attentions", "output_hidden_states")
 
@@ -118,10 +122,24 @@ def speculative_generate(
                             generation_config, streamer)
     else:
         cache = _own_cache(model, cache, generation_config, feature.cuda_graphs)
+        mask = model_kwargs.get("attention_mask")
         with _kv_attention(model):
-            sequences = _decode(model, cache, SelfDraft(model, cache, feature), feature, input_ids,
-                                model_kwargs.get("attention_mask"), logits_processor, stopping_criteria,
-                                generation_config, streamer)
+            longest = feature.max_draft_tokens if feature.num_draft_tokens == "adaptive" else feature.num_draft_tokens
+            reason = None
+            if feature.cuda_graphs:
+                if feature.num_draft_tokens == "adaptive":
+                    longest = min(longest, rounds.longest_block(model, longest))
+                reason = rounds.unsupported_reason(model, cache, _per_row(model, cache, max(longest, 0) + 1),
+                                                   max(longest, 1), logits_processor, stopping_criteria, streamer)
+                if reason is not None:
+                    logger.warning_once(f"Speculative(cuda_graphs=True): {reason}; the rounds run eagerly, with "
+                                        "graph-replayed draft steps")
+            if feature.cuda_graphs and reason is None:
+                sequences = _decode_static(model, cache, feature, longest, input_ids, mask, logits_processor,
+                                           stopping_criteria, generation_config)
+            else:
+                sequences = _decode(model, cache, SelfDraft(model, cache, feature), feature, input_ids, mask,
+                                    logits_processor, stopping_criteria, generation_config, streamer)
     if streamer is not None:
         streamer.end()
     if generation_config.return_dict_in_generate:
@@ -177,6 +195,39 @@ def _per_row(model: PreTrainedModel, cache: Cache, verify_rows: int) -> bool:
     stock = DynamicCache(config=config).layers
     return all(type(layer) is DynamicLayer for layer in stock) and all(
         isinstance(layer, LongCtxLayer) or type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _decode_static(
+    model: PreTrainedModel,
+    cache: LongCtxCache,
+    feature: Speculative,
+    longest: int,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    logits_processor: LogitsProcessorList,
+    stopping_criteria: StoppingCriteriaList,
+    generation_config: GenerationConfig,
+) -> torch.Tensor:
+    """Self-speculation in graph-captured rounds (``rounds.StaticRounds``); a fixed draft length, or with
+    ``"adaptive"`` the length ``gain.DraftLength`` picks each round. Returns the (B, S + new) sequences."""
+    room, eos = stop_rule(stopping_criteria, input_ids.shape[1])
+    pad = generation_config._pad_token_tensor
+    state = rounds.StaticRounds(model, cache, draft_view(feature, cache), logits_processor,
+                                bool(generation_config.do_sample), input_ids, attention_mask, room, eos,
+                                None if pad is None else int(pad), longest)
+    adaptive = DraftLength(longest) if feature.num_draft_tokens == "adaptive" else None
+    logits = forward_unseen(model, cache, input_ids, attention_mask, keep=1)[:, 0]
+    try:
+        going_on = state.start(logits, reserve=2 * room + 2 * (longest + 2))
+        while going_on:
+            drafts = adaptive.next() if adaptive is not None else longest
+            clock = time.perf_counter()
+            going_on, accepted, all_accepted, rows = state.run(drafts)
+            if adaptive is not None:
+                adaptive.record(drafts, time.perf_counter() - clock, accepted, all_accepted, rows)
+    finally:
+        state.stop()
+    return state.output()
 
 
 def _decode(
