@@ -9,8 +9,8 @@ Parts (each runs on its own: a failure is logged and the next part runs):
   validation split), 8K and 32K, batch 1 and 32, temperature 0 and 0.8: self-speculation against plain
   decoding with the SAME ``LongCtxCache`` and attention (``longctx_kv``), so the cache's own speed is not
   credited to speculation. CUDA graphs on both sides (``--graphs``, the default): plain decoding is
-  ``lc.graph_generate`` and self-speculation replays its draft steps (``Speculative(cuda_graphs=True)``; the
-  verification pass is eager); ``--no-graphs`` runs both eagerly.
+  ``lc.graph_generate`` and self-speculation replays whole rounds (``Speculative(cuda_graphs=True)``:
+  ``hf_longctx.speculative.rounds``); ``--no-graphs`` runs both eagerly.
 - ``lengths``: self-speculation at 32K batch 1, temperature 0: fixed draft lengths 1..8 against ``"adaptive"``.
 - ``draft``: draft-model speculation (``model_cards/longctx-draft-3m``, its cache bounded by ``streaming:1024``)
   against HF assisted generation (``assistant_model=``, stock caches) with the same pair, batch 1, 32K.
@@ -131,15 +131,50 @@ def held_out_ids(tokenizer, length: int, batch: int, device) -> torch.Tensor:
 
 
 class RoundCounter:
-    """Counts the target's verification passes (forwards of more than one query outside the draft view)."""
+    """Counts verification rounds: the target's forwards of more than one query outside the draft view (eager
+    rounds), and ``StaticRounds.run`` calls (graph-captured rounds, whose replays run no Python forward); from
+    the latter also each row's tokens per round (``row_mean``: emitted tokens over active row-rounds)."""
 
     def __init__(self, model):
-        self.rounds = 0
+        from hf_longctx.speculative.rounds import StaticRounds
+
+        self.rounds = self.static_rounds = 0
+        self.row_tokens = self.row_rounds = 0
         self.hook = model.register_forward_hook(self._count, with_kwargs=True)
+        self._run = StaticRounds.run
+        counter = self
+
+        def run(state, drafts):
+            status = counter._run(state, drafts)
+            counter.static_rounds += 1
+            counter.row_tokens += status[1] + status[3]
+            counter.row_rounds += status[3]
+            return status
+
+        StaticRounds.run = run
+
+    def reset(self) -> None:
+        self.rounds = self.static_rounds = self.row_tokens = self.row_rounds = 0
+
+    def total(self) -> int:
+        return self.static_rounds or self.rounds
+
+    @property
+    def row_mean(self) -> float | None:
+        return self.row_tokens / self.row_rounds if self.row_rounds else None
+
+    def remove(self) -> None:
+        from hf_longctx.speculative.rounds import StaticRounds
+
+        self.hook.remove()
+        StaticRounds.run = self._run
 
     def _count(self, module, args, kwargs, output):
         cache = kwargs.get("past_key_values")
-        drafting = any(getattr(layer, "view", None) is not None for layer in getattr(cache, "layers", []))
+        layers = getattr(cache, "layers", [])
+        if any(getattr(layer, "static", False) for layer in layers):
+            return  # a StaticRounds forward (warm-up or capture): counted by run
+        drafting = any(getattr(layer, "view", None) is not None for layer in layers)
         if not drafting and kwargs["input_ids"].shape[1] > 1 and cache.get_seq_length() > kwargs["input_ids"].shape[1]:
             self.rounds += 1
 
@@ -153,14 +188,14 @@ def decode_rate(run, batch: int, n1: int, n2: int, counter: RoundCounter | None 
     sync()
     t1 = time.perf_counter() - start
     if counter is not None:
-        counter.rounds = 0
+        counter.reset()
     start = time.perf_counter()
     run(n2)
     sync()
     t2 = time.perf_counter() - start
     accepted = None
-    if counter is not None and counter.rounds:
-        accepted = (n2 - 1) / counter.rounds  # the first token comes from the prefill
+    if counter is not None and counter.total():
+        accepted = (n2 - 1) / counter.total()  # the first token comes from the prefill
     rate = batch * (n2 - n1) / (t2 - t1) if t2 > t1 else float("nan")  # nan: noise exceeded the difference
     return rate, accepted
 
@@ -194,6 +229,13 @@ def generate_fn(model, ids, temperature, graphs=False, **extra):
     return run
 
 
+def row_note(counter: RoundCounter) -> str:
+    """The rounds' path, and with graph-captured rounds each row's mean tokens per round."""
+    if not counter.static_rounds:
+        return "eager rounds"
+    return f"graph-captured rounds; per-row tokens/round {counter.row_mean:.2f}"
+
+
 def part_pair(rec, args, pair, device):
     tokenizer, target, _ = pair
     for context in args.contexts:
@@ -210,10 +252,11 @@ def part_pair(rec, args, pair, device):
                     ours, accepted = decode_rate(
                         generate_fn(target, ids, temperature, args.graphs, custom_generate=lc.speculative_generate,
                                     speculative=spec), batch, args.n1, args.n2, counter)
-                    counter.hook.remove()
+                    counter.remove()
                     rec.add(part="pair", context=context, batch=batch, temperature=temperature,
                             method=f"self, view streaming:1024, G={args.gamma}", tokens_per_s=ours,
-                            ms_per_token=1000 * batch / ours, mean_accepted=accepted, speedup=ours / plain)
+                            ms_per_token=1000 * batch / ours, mean_accepted=accepted, speedup=ours / plain,
+                            note=row_note(counter))
                 except Exception as error:  # noqa: BLE001 - log and go on
                     traceback.print_exc()
                     rec.add(part="pair", context=context, batch=batch, temperature=temperature, method="error",
@@ -226,7 +269,8 @@ def part_lengths(rec, args, pair, device):
     tokenizer, target, _ = pair
     context = args.contexts[-1]
     ids = held_out_ids(tokenizer, context, 1, device)
-    plain, _ = decode_rate(generate_fn(target, ids, 0.0, args.graphs), 1, args.n1, args.n2)
+    n1, n2 = args.lengths_tokens
+    plain, _ = decode_rate(generate_fn(target, ids, 0.0, args.graphs), 1, n1, n2)
     rec.add(part="lengths", context=context, batch=1, temperature=0.0, method="plain", tokens_per_s=plain,
             ms_per_token=1000 / plain)
     for gamma in [*range(1, 9), "adaptive"]:
@@ -236,11 +280,11 @@ def part_lengths(rec, args, pair, device):
             counter = RoundCounter(target)
             ours, accepted = decode_rate(generate_fn(target, ids, 0.0, args.graphs,
                                                      custom_generate=lc.speculative_generate,
-                                                     speculative=spec), 1, args.n1, args.n2, counter)
-            counter.hook.remove()
+                                                     speculative=spec), 1, n1, n2, counter)
+            counter.remove()
             rec.add(part="lengths", context=context, batch=1, temperature=0.0, method=f"self G={gamma}",
                     tokens_per_s=ours, ms_per_token=1000 / ours, mean_accepted=accepted, speedup=ours / plain,
-                    note=f"threshold {args.threshold}" if gamma == "adaptive" else "")
+                    note=row_note(counter))
         except Exception as error:  # noqa: BLE001
             traceback.print_exc()
             rec.add(part="lengths", context=context, batch=1, method=f"self G={gamma}: error",
@@ -345,12 +389,15 @@ def main() -> int:
     parser.add_argument("--cost-tiny", action="store_true", help="cost part on a tiny model (CPU smoke test)")
     parser.add_argument("--chunk", type=int, default=4096, help="prefill chunk of the cost part")
     parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
-                        help="CUDA graphs on both sides of pair/lengths (plain: graph_generate; speculation: draft steps)")
+                        help="CUDA graphs on both sides of pair/lengths (plain: graph_generate; speculation: whole rounds)")
+    parser.add_argument("--lengths-tokens", default="64,320",
+                        help="n1,n2 new tokens of the lengths part (adaptive's warm-up rounds must be a small part)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     args.contexts = [int(x) for x in args.contexts.split(",")]
     args.cost_contexts = [int(x) for x in args.cost_contexts.split(",")]
     args.batches = [int(x) for x in args.batches.split(",")]
+    args.lengths_tokens = [int(x) for x in args.lengths_tokens.split(",")]
     args.n1, args.n2 = (16, 48) if args.quick else (32, 160)
     args.repeats = 3 if args.quick else 10
     rec = Recorder(Path(args.out), {**versions(), "graphs": "on both sides" if args.graphs else "off on both sides"})

@@ -520,6 +520,27 @@ def test_cuda_decode_with_holes(q_len):
 
 
 @pytest.mark.cuda
+def test_cuda_static_block_with_q_start():
+    """A verification block of 5 query rows at slots from a device counter (q_start), 32K keys with holes, bf16,
+    against the fp32 reference on the buffer cut after the queries."""
+    S, start = 32768, 30000
+    valid = torch.ones(4, S, dtype=torch.bool, device="cuda")
+    valid[0, :100] = False
+    valid[:, 20000:29000:7] = False
+    valid[:, start + 5:] = False
+    q, k, v = (t.detach() for t in make_inputs(4, 32, 8, 5, S, 128, torch.bfloat16, device="cuda", seed=7))
+    counter = torch.tensor([start], device="cuda")
+    for sink, window in [(0, None), (4, 1020)]:
+        with torch.no_grad():
+            out = sw.sink_window_attention_triton(q, k, v, sink_tokens=sink, window=window, kv_valid=valid,
+                                                  q_start=counter)
+        cut = slice(0, start + 5)
+        ref = reference.sink_window_attention(q.float(), k[:, :, cut].float(), v[:, :, cut].float(), sink_tokens=sink,
+                                              window=window, kv_valid=valid[:, cut])
+        assert _err(out, ref)[0] < 2e-2, (sink, window, _err(out, ref))
+
+
+@pytest.mark.cuda
 def test_cuda_padding_and_packing():
     valid = torch.ones(2, 3000, dtype=torch.bool, device="cuda")
     valid[0, :333] = False

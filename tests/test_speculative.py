@@ -637,3 +637,27 @@ def test_draft_length_picks_the_best_modelled_rate():
     assert decide(1, plain=1.0, per_draft=1.0) == 0  # a = 0.5, drafts as dear as a step: plain steps pay more
     with pytest.raises(ValueError, match="`longest` must be an integer >= 1"):
         DraftLength(0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_static_rounds_on_the_gpu_equal_generate(monkeypatch):
+    """fp32 reference target on the GPU: graph-captured rounds give plain generate's tokens, batch 1 and 4
+    left-padded, fixed and adaptive lengths; graphs are captured and replayed."""
+    from hf_longctx.speculative.rounds import StaticRounds
+
+    model = AutoModelForCausalLM.from_pretrained(CARDS / "longctx-target-20m", dtype=torch.float32).cuda().eval()
+    model.set_attn_implementation("longctx_kv")
+    states = []
+    start = StaticRounds.start
+    monkeypatch.setattr(StaticRounds, "start", lambda self, *a, **k: (states.append(self), start(self, *a, **k))[1])
+    for batch in (1, 4):
+        ids, mask = left_padded(batch, 600, 8192)
+        kwargs = dict(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=48, do_sample=False)
+        expected = model.generate(**kwargs, past_key_values=lc.LongCtxCache(model))
+        for drafts in (4, "adaptive"):
+            spec = lc.Speculative(draft="self", draft_kv="streaming:256", num_draft_tokens=drafts, cuda_graphs=True)
+            got = model.generate(**kwargs, past_key_values=lc.LongCtxCache(model, cuda_graphs=True),
+                                 custom_generate=lc.speculative_generate, speculative=spec)
+            assert torch.equal(got, expected), (batch, drafts)
+            assert states[-1].captures >= 1 and states[-1].replays > 0, (batch, drafts, states[-1].replays)
