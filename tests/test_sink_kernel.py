@@ -606,3 +606,33 @@ def test_cuda_forward_variants(variant):
         _gpu_compare(1, 8, 2, 3001, 3001, 128, 128, 1024, backward=False)  # odd length, sinks + window
         _gpu_compare(1, 8, 2, 257, 3001, 128, 128, 1024, backward=False)  # q offset
         _gpu_compare(1, 8, 2, 2000, 2000, 128, 16, 512, s_aux=True, softcap=30.0, backward=False)
+
+
+def test_static_rounds_through_the_kernel_share_one_layout_per_forward(monkeypatch):
+    """Self-speculation's graph-captured rounds with the kernel (interpreted) in every static step: greedy tokens
+    equal plain generate's, and each forward computes the mask's layout once for all its layers."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_models import tiny_model
+
+    import hf_longctx as lc
+
+    monkeypatch.setitem(sw.INTERPRET_BLOCKS, "split_min_keys", 16)
+    layouts = []
+    layout = sw.hole_layout
+    monkeypatch.setattr(sw, "hole_layout", lambda *a, **k: (layouts.append(1), layout(*a, **k))[1])
+    model = tiny_model("llama", head_dim=32)  # a head size the kernel takes
+    ids = torch.randint(3, 96, (2, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    expected = model.generate(**kwargs)
+    forwards = []
+    model.register_forward_hook(lambda *args: forwards.append(1))
+    spec = lc.Speculative(draft="self", draft_kv="streaming:budget=12,sink_tokens=2", num_draft_tokens=3,
+                          cuda_graphs=True)
+    got = model.generate(**kwargs, custom_generate=lc.speculative_generate, speculative=spec)
+    assert torch.equal(got, expected)
+    assert layouts and len(layouts) <= len(forwards) < len(layouts) * model.config.num_hidden_layers

@@ -184,10 +184,39 @@ def _static_attention(module, layer, query, key, value, scaling, sliding_window,
             out = sink_window.sink_window_attention_segments(query, key, value, sink_tokens=sinks, window=window,
                                                              kv_spans=spans, **kwargs)
             return out.transpose(1, 2).contiguous()
-    # CPU (the reference), a layer with holes (the kernel's decode path converts the mask on the device), or what
-    # the kernel cannot take (the dispatcher warns once)
+    elif layer.has_holes:  # the kernel's decode path, with a layout the layers of this forward share
+        out = _shared_layout_call(layer, query, key, value, sinks, window, layer.static_kv_valid, None, kwargs)
+        if out is not None:
+            return out
+    # CPU (the reference), or what the kernel cannot take (the dispatcher warns once)
     out = sink_window_attention(query, key, value, sink_tokens=sinks, window=window,
                                 kv_valid=layer.static_kv_valid(), **kwargs)
+    return out.transpose(1, 2).contiguous()
+
+
+def _shared_layout_call(layer, query, key, value, sinks, window, kv_valid, q_start, kwargs) -> torch.Tensor | None:
+    """(B, Sq, H, D) contiguous: the kernel's decode path over a static step's masked slots, or None where the kernel
+    cannot take the call (CPU tensors outside the Triton interpreter among them). The mask's layout (``sink_window.hole_layout``, some twenty small device ops) is computed
+    once per forward and shared by the layers that hold the same slots (``LongCtxLayer.shared``: layers without a
+    policy, whose validity and counter are equal), for the same rule and query rows."""
+    try:
+        from ..kernels import sink_window
+    except ImportError:  # no usable triton: the dispatcher's reference
+        return None
+    q_len, groups = query.shape[2], query.shape[1] // key.shape[1]
+    if not sink_window.takes_holes(q_len, groups) or sink_window.unsupported_reason(
+            query, key, value, sink_tokens=sinks, window=window, **kwargs) is not None:
+        return None
+    shared = layer.shared if layer.policy is None else None
+    name = ("layout", sinks, window, q_len, layer.block, layer.capacity)
+    layout = None if shared is None else shared.get(name)
+    if layout is None:
+        layout = sink_window.hole_layout(kv_valid(), sinks, window, q_len, q_start)
+        if shared is not None:
+            shared[name] = layout
+    spans, holes = layout
+    out = sink_window.sink_window_attention_segments(query, key, value, sink_tokens=sinks, window=window,
+                                                     kv_spans=spans, holes=holes, **kwargs)
     return out.transpose(1, 2).contiguous()
 
 
@@ -199,8 +228,13 @@ def _static_block_attention(module, layer, query, key, value, scaling, sliding_w
         raise ValueError("longctx_kv: a static block cannot apply a sink rule that moves its sinks "
                          "(positions='cache' or distance_limit)")
     sinks, window = (0, None) if feature is None else (feature.sink_tokens, feature.window)
+    kwargs = dict(scale=scaling, softcap=softcap, s_aux=s_aux)
+    out = _shared_layout_call(layer, query, key, value, sinks, window, layer.block_kv_valid, layer.static_length,
+                              kwargs)
+    if out is not None:
+        return out
     out = sink_window_attention(query, key, value, sink_tokens=sinks, window=window, kv_valid=layer.block_kv_valid(),
-                                q_start=layer.static_length, scale=scaling, softcap=softcap, s_aux=s_aux)
+                                q_start=layer.static_length, **kwargs)
     return out.transpose(1, 2).contiguous()
 
 

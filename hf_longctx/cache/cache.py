@@ -90,6 +90,12 @@ class LongCtxCache(Cache):
         for index in windowed:
             layers[index] = LongCtxLayer(None, capacity=capacity, reserve=reserve, layer_idx=index)
         super().__init__(layers=layers)
+        shared: dict = {}
+        ours = [layer for layer in layers if isinstance(layer, LongCtxLayer)]
+        for layer in ours:
+            layer.shared = shared
+        if ours:
+            ours[0].clears_shared = True
 
     def set_view(self, view: SinkAttention | None) -> None:
         """Self-speculation: the full-attention layers attend through ``view`` (sinks + window over their stored

@@ -123,6 +123,10 @@ class LongCtxLayer(CacheLayerMixin):
         self._static_slot: torch.Tensor | None = None  # (1,) int64 device index of the next pending query
         self._static_count = 0  # pending queries in `_static_pending` (host mirror of `_static_slot`)
         self.block = 0  # tokens of the static block the next update writes (0: none; ``begin_block``)
+        # what the attention computes once per forward for every layer holding the same slots (a LongCtxCache
+        # gives its layers one dict; its first layer clears it at each update, the start of a forward)
+        self.shared: dict | None = None
+        self.clears_shared = False
 
     # ----------------------------------------------------------------------------------- sizes
     @property
@@ -234,6 +238,8 @@ class LongCtxLayer(CacheLayerMixin):
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.clears_shared:
+            self.shared.clear()
         if self._awaiting_report:
             raise RuntimeError(
                 f"LongCtxCache: layer {self.layer_idx} evicts tokens, but no attention function reported the "

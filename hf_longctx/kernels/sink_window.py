@@ -1396,11 +1396,13 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 def sink_window_attention_segments(query, key, value, *, sink_tokens: int, window: int | None,
                                    scale: float | None = None, softcap: float | None = None,
                                    s_aux: torch.Tensor | None = None, kv_spans: torch.Tensor | None = None,
-                                   segments: torch.Tensor | None = None,
-                                   return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                                   segments: torch.Tensor | None = None, return_lse: bool = False,
+                                   holes: tuple[torch.Tensor, torch.Tensor] | None = None
+                                   ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Lower-level entry: masks already converted (no host sync, no mask checks).
 
-    ``kv_spans``: (B, 2) int32 [start, end) of each row's real keys (from :func:`kv_valid_to_spans`).
+    ``kv_spans``: (B, 2) int32 [start, end) of each row's real keys (from :func:`kv_valid_to_spans`), or with
+    ``holes`` (decoding only: :func:`takes_holes`) the envelope spans and the layout :func:`hole_layout` gives.
     ``segments``: (n_seg, 5) int32 from :func:`segment_table` (packed sequences; Sq == Skv).
     Returns (B, H, Sq, D) in query.dtype (memory laid out as (B, Sq, H, D)); with ``return_lse`` also the
     (B, H, Sq) float32 natural-log LSE of each row (``s_aux`` included; -inf for a row that sees no key),
@@ -1410,8 +1412,11 @@ def sink_window_attention_segments(query, key, value, *, sink_tokens: int, windo
                                 softcap=softcap, s_aux=s_aux)
     if reason is not None:
         raise ValueError(f"sink_window_attention_triton: {reason}")
+    if holes is not None and (kv_spans is None or not takes_holes(query.shape[2], query.shape[1] // key.shape[1])):
+        raise ValueError("sink_window_attention_segments: `holes` needs `kv_spans` (hole_layout's) and a decoding "
+                         "call (few query rows)")
     return _checked_call(query, key, value, sink_tokens, window, scale, softcap, s_aux, kv_spans, segments,
-                         return_lse)
+                         return_lse, holes)
 
 
 def _checked_call(query, key, value, sink_tokens, window, scale, softcap, s_aux, kv_spans, segments, return_lse,
