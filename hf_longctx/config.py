@@ -392,13 +392,19 @@ class Speculative:
         num_draft_tokens: tokens drafted per round, >= 1, or ``"adaptive"``: up to ``max_draft_tokens``, stopping
             early once the draft's probability of its own token falls under ``threshold``, and switching
             speculation off for the rest of the call when its measured tokens per second fall short of a few
-            measured plain steps' (``hf_longctx.speculative.gain``; with ``cuda_graphs`` the plain steps are
-            graph-replayed too).
+            measured plain steps' (``hf_longctx.speculative.gain``). In graph-captured rounds (``cuda_graphs``)
+            a round cannot stop early: each round's length is instead the one that maximises the tokens per second
+            modelled from the call's measured acceptance rate and round times, 0 (plain steps) included
+            (``gain.DraftLength``).
         max_draft_tokens: the most tokens an adaptive round drafts; >= 1.
-        threshold: ``"adaptive"`` only: the draft confidence, in (0, 1), under which a round stops drafting.
-        cuda_graphs: ``draft="self"`` only: the one-token draft steps run as static steps replayed as a CUDA graph
-            (``hf_longctx.cache.graphs.GraphDecoder``; the verification pass stays eager) over a ``LongCtxCache``
-            without eviction; on CPU the same static steps run eagerly.
+        threshold: ``"adaptive"`` in eager rounds: the draft confidence, in (0, 1), under which a round stops
+            drafting.
+        cuda_graphs: ``draft="self"`` only, over a ``LongCtxCache`` without eviction: whole rounds (draft steps,
+            verification, acceptance, rollback) run on static buffers and are replayed as CUDA graphs
+            (``hf_longctx.speculative.rounds``); on CPU the same rounds run eagerly. Calls the rounds cannot take
+            (logits processors that read the ids, stopping criteria other than max length and EOS, a streamer,
+            layers that are not full attention) run eager rounds with graph-replayed draft steps, and a warning
+            says why.
     """
 
     draft: Any = "self"
