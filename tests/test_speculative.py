@@ -618,24 +618,30 @@ def test_rounds_fall_back_to_eager_rounds_and_say_why(monkeypatch, caplog):
     assert "the logits processor MinLengthLogitsProcessor reads the ids" in caplog.text
 
 
-def test_draft_length_picks_the_best_modelled_rate():
-    """DraftLength: warm-up lengths first (start, then plain steps), then the length maximising E(G) / t(G) with
-    t(G) = t(0) + G * s from the timed rounds and the measured acceptance rate."""
+def test_draft_length_climbs_to_the_best_measured_rate():
+    """DraftLength: each length is timed after its untimed rounds; the rule tries the best length's untried
+    neighbours, then keeps the best measured rate (G = 0, plain steps, included)."""
     from hf_longctx.speculative import DraftLength
 
-    def decide(acceptance_per_row, plain, per_draft):
-        rule, chosen = DraftLength(8, start=4, warmup=2, skip=1), []
-        for _ in range(6):
+    def climb(tokens_per_round, seconds_per_round, rounds=60):
+        rule, chosen = DraftLength(8, start=2, warmup=2, skip=1), []
+        for _ in range(rounds):
             drafts = rule.next()
             chosen.append(drafts)
-            # one row: `accepted` of 4 drafts accepted, then a rejection (4 tested for 3 accepted: a = 0.75)
-            rule.record(drafts, plain + drafts * per_draft, acceptance_per_row, 0, 1)
-        assert chosen == [4, 4, 4, 0, 0, 0]
-        return rule.next()
+            rows = 4  # accepted drafts summed over the rows: each row emits tokens_per_round[G] a round
+            rule.record(drafts, seconds_per_round[drafts], rows * (tokens_per_round[drafts] - 1), rows)
+        return chosen
 
-    # a = 0.75, t(G) = 1 + 0.1 G: E(G) / t(G) is 1.59, 1.93, 2.10, 2.18, 2.19, 2.17 ... for G = 1 .. 6
-    assert decide(3, plain=1.0, per_draft=0.1) == 5
-    assert decide(1, plain=1.0, per_draft=1.0) == 0  # a = 0.5, drafts as dear as a step: plain steps pay more
+    tokens = {g: 1 + 0.8 * g for g in range(9)}
+    # G = 1 has the best rate (1.8 / 1.2 against 1 / 1.0 plain and 2.6 / 2.4 for G = 2)
+    chosen = climb(tokens, {g: {0: 1.0, 1: 1.2}.get(g, 1.0 + 0.7 * g) for g in range(9)})
+    assert chosen[:3] == [2, 2, 2] and chosen[3:6] == [1, 1, 1] and chosen[6:9] == [0, 0, 0]
+    assert set(chosen[9:]) == {1}
+    # cheap drafts: the climb goes up until the rate falls (G = 5 here: 5 / 1.25 ... against G = 6: 5.8 / 1.5)
+    cheap = climb(tokens, {g: 1.0 + 0.05 * g * g for g in range(9)})
+    assert cheap[-1] == max(range(9), key=lambda g: tokens[g] / (1.0 + 0.05 * g * g))
+    # drafts as dear as a step and rarely accepted: plain steps
+    assert climb({g: 1 + 0.1 * g for g in range(9)}, {g: 1.0 + g for g in range(9)})[-1] == 0
     with pytest.raises(ValueError, match="`longest` must be an integer >= 1"):
         DraftLength(0)
 

@@ -63,70 +63,53 @@ class SpeculationGain:
         return rate["speculative"] / rate["plain"]
 
 
-def expected_tokens(acceptance: float, drafts: int) -> float:
-    """Tokens a round of ``drafts`` drafts emits per row when each draft token is accepted with probability
-    ``acceptance`` (in [0, 1]), given the one before was: (1 - a^(G+1)) / (1 - a)."""
-    if acceptance >= 1:
-        return drafts + 1.0
-    return (1 - acceptance ** (drafts + 1)) / (1 - acceptance)
-
-
 class DraftLength:
     """``num_draft_tokens="adaptive"`` for graph-captured rounds (``rounds.StaticRounds``): each round's draft length,
-    chosen on the host from what the call measured, with no device read inside a round.
+    chosen on the host from rates the call measured (tokens per row per second of rounds of each length), with no
+    device read inside a round.
 
-    Measured: the acceptance rate a of draft tokens (accepted / tested: a row that rejects tests one more than it
-    accepts) and the wall time t(G) of rounds with G drafts, modelled as t(G) = t(0) + G * s: t(0) from rounds
-    without drafts (plain steps in the same frame), s from the others. Each round runs the G in 0..``longest``
-    that maximises E(G) / t(G) (``expected_tokens``): G = 0, plain steps, when no length beats a plain step.
-    First ``warmup`` rounds with G = ``start``, then ``warmup`` plain rounds, each after ``skip`` rounds that are not
-    timed (an eager warm-up and a graph capture); a length first chosen later skips as many before it is timed.
+    A length is measured over ``warmup`` timed rounds, after ``skip`` rounds that are not timed (an eager warm-up and
+    a graph capture). Starting at ``start``, the rule then tries the untried neighbours (G - 1, then G + 1) of the
+    best length measured so far, one at a time, and once both of the best one's neighbours are measured it runs the
+    best: a hill climb on measured rates, not on a cost model (the draft step's cost is not linear in G where
+    launches dominate). G = 0 (plain steps in the rounds' frame) is a length like the others, so speculation is
+    switched off where no length beats plain steps.
 
     Args:
-        longest: the most drafts a round may have (>= 1); start: the first length tried.
+        longest: the most drafts a round may have (>= 1); start: the first length measured.
     Raises:
         ValueError: ``longest`` < 1.
     """
 
-    def __init__(self, longest: int, start: int = 4, warmup: int = 3, skip: int = 2):
+    def __init__(self, longest: int, start: int = 2, warmup: int = 3, skip: int = 2):
         if isinstance(longest, bool) or not isinstance(longest, int) or longest < 1:
             raise ValueError(f"DraftLength: `longest` must be an integer >= 1, got {longest!r}")
-        self.longest, self.start = longest, min(start, longest)
-        self.warmup, self.skip = warmup, skip
+        self.longest, self.warmup, self.skip = longest, warmup, skip
+        self.current = min(start, longest)
         self.rounds: dict[int, int] = {}  # rounds run per length
         self.seconds: dict[int, float] = {}  # timed seconds per length
-        self.timed: dict[int, int] = {}  # timed rounds per length
-        self.accepted = self.tested = 0
+        self.tokens: dict[int, float] = {}  # timed tokens per row per length
 
     def next(self) -> int:
         """The next round's draft length."""
-        for drafts in (self.start, 0):
-            if self.rounds.get(drafts, 0) < self.skip + self.warmup:
+        if self.rounds.get(self.current, 0) < self.skip + self.warmup:
+            return self.current
+        best = max(self.tokens, key=self.rate)
+        for drafts in (best - 1, best + 1):
+            if 0 <= drafts <= self.longest and drafts not in self.rounds:
+                self.current = drafts
                 return drafts
-        return self.best()
+        self.current = best
+        return best
 
-    def record(self, drafts: int, seconds: float, accepted: int, all_accepted: int, rows: int) -> None:
-        """One round: its length, wall time, accepted drafts summed over its rows, rows that accepted all, rows."""
+    def record(self, drafts: int, seconds: float, accepted: int, rows: int) -> None:
+        """One round: its length, wall time, accepted drafts summed over its active rows, and those rows."""
         done = self.rounds.get(drafts, 0)
         self.rounds[drafts] = done + 1
-        if done >= self.skip:
+        if done >= self.skip and rows:
             self.seconds[drafts] = self.seconds.get(drafts, 0.0) + seconds
-            self.timed[drafts] = self.timed.get(drafts, 0) + 1
-        if drafts and rows:
-            self.accepted += accepted
-            self.tested += accepted + rows - all_accepted
+            self.tokens[drafts] = self.tokens.get(drafts, 0.0) + (accepted + rows) / rows
 
-    def acceptance(self) -> float:
-        """The measured acceptance rate of draft tokens (0 before any was tested)."""
-        return self.accepted / self.tested if self.tested else 0.0
-
-    def best(self) -> int:
-        """The length maximising the modelled tokens per second (``start`` until both kinds are timed)."""
-        mean = {drafts: self.seconds[drafts] / self.timed[drafts] for drafts in self.timed}
-        if 0 not in mean or len(mean) < 2:
-            return self.start
-        plain = mean[0]
-        slopes = [((mean[g] - plain) / g, self.timed[g]) for g in mean if g]
-        slope = max(sum(s * n for s, n in slopes) / sum(n for _, n in slopes), 1e-9)
-        rate = {g: expected_tokens(self.acceptance(), g) / (plain + g * slope) for g in range(self.longest + 1)}
-        return max(rate, key=rate.get)
+    def rate(self, drafts: int) -> float:
+        """Measured tokens per row per second of rounds with ``drafts`` drafts."""
+        return self.tokens[drafts] / self.seconds[drafts] if self.seconds.get(drafts) else 0.0

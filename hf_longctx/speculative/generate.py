@@ -224,7 +224,7 @@ def _decode_static(
             clock = time.perf_counter()
             going_on, accepted, all_accepted, rows = state.run(drafts)
             if adaptive is not None:
-                adaptive.record(drafts, time.perf_counter() - clock, accepted, all_accepted, rows)
+                adaptive.record(drafts, time.perf_counter() - clock, accepted, rows)
     finally:
         state.stop()
     return state.output()
