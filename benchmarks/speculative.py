@@ -147,8 +147,8 @@ class RoundCounter:
         def run(state, drafts):
             status = counter._run(state, drafts)
             counter.static_rounds += 1
-            counter.row_tokens += status[1] + status[3]
-            counter.row_rounds += status[3]
+            counter.row_tokens += status[1] + status[2]
+            counter.row_rounds += status[2]
             return status
 
         StaticRounds.run = run

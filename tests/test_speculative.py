@@ -466,17 +466,28 @@ def test_graphs_are_refused_for_a_draft_model_and_an_evicting_cache():
     assert parse_feature("speculative", lc.config.feature_to_dict(spec)) == spec
 
 
+def cuda_reference_target():
+    """The reference target in float32 on the GPU, running ``longctx_kv``."""
+    model = AutoModelForCausalLM.from_pretrained(CARDS / "longctx-target-20m", dtype=torch.float32).cuda().eval()
+    model.set_attn_implementation("longctx_kv")
+    return model
+
+
+def instances_started(monkeypatch, cls) -> list:
+    """The instances of ``cls`` whose ``start`` runs, in order."""
+    started = []
+    start = cls.start
+    monkeypatch.setattr(cls, "start", lambda self, *a, **k: (started.append(self), start(self, *a, **k))[1])
+    return started
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_graphed_self_speculation_equals_eager_on_the_gpu(monkeypatch):
     """fp32 reference target on the GPU: self-speculation with graphed draft steps gives plain generate's tokens,
     token by token, as does the same speculation with eager draft steps; the graph is captured once per call and
     replayed for the other draft steps."""
-    model = AutoModelForCausalLM.from_pretrained(CARDS / "longctx-target-20m", dtype=torch.float32).cuda().eval()
-    model.set_attn_implementation("longctx_kv")
-    decoders = []
-    start = GraphDecoder.start
-    monkeypatch.setattr(GraphDecoder, "start", lambda self, *a, **k: (decoders.append(self), start(self, *a, **k))[1])
+    model, decoders = cuda_reference_target(), instances_started(monkeypatch, GraphDecoder)
     for batch in (1, 4):
         ids, mask = left_padded(batch, 600, 8192)
         kwargs = dict(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=32, min_new_tokens=32,
@@ -653,11 +664,7 @@ def test_static_rounds_on_the_gpu_equal_generate(monkeypatch):
     left-padded, fixed and adaptive lengths; graphs are captured and replayed."""
     from hf_longctx.speculative.rounds import StaticRounds
 
-    model = AutoModelForCausalLM.from_pretrained(CARDS / "longctx-target-20m", dtype=torch.float32).cuda().eval()
-    model.set_attn_implementation("longctx_kv")
-    states = []
-    start = StaticRounds.start
-    monkeypatch.setattr(StaticRounds, "start", lambda self, *a, **k: (states.append(self), start(self, *a, **k))[1])
+    model, states = cuda_reference_target(), instances_started(monkeypatch, StaticRounds)
     for batch in (1, 4):
         ids, mask = left_padded(batch, 600, 8192)
         kwargs = dict(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=48, do_sample=False)

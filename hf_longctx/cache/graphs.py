@@ -151,15 +151,12 @@ class GraphDecoder:
         graph = self.graphs_by_signature.get(signature)
         if graph is None and signature != self._warm:  # new addresses or code path: warm up eagerly, capture next
             self._warm = signature
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                self._forward()
-            torch.cuda.current_stream(self.device).wait_stream(side)
+            warm_up(self.device, self._forward)
             self.eager_steps += 1
             return self.logits
         if graph is None:
-            graph = self._capture()
+            graph = capture(self.layers, self._forward)
+            self.captures += 1
             if len(self.graphs_by_signature) >= 2:  # the oldest goes (its buffers may have moved)
                 self.graphs_by_signature.pop(next(iter(self.graphs_by_signature)))
             self.graphs_by_signature[signature] = graph
@@ -177,16 +174,26 @@ class GraphDecoder:
                                       device=self.device)
         self.logits.copy_(out.logits[:, -1])
 
-    def _capture(self) -> torch.cuda.CUDAGraph:
-        """Record one step (capture does not run it: the host counters it advanced are put back)."""
-        counters = [layer.host_counters() for layer in self.layers]
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._forward()
-        for layer, saved in zip(self.layers, counters):
-            layer.restore_counters(saved)
-        self.captures += 1
-        return graph
+
+def warm_up(device: torch.device, step) -> None:
+    """Run ``step()`` eagerly on a side stream (kernels compiled, workspaces allocated) before it is captured."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream(device).wait_stream(side)
+
+
+def capture(layers: list[LongCtxLayer], step, pool=None) -> torch.cuda.CUDAGraph:
+    """Record ``step()`` as a CUDA graph (in memory ``pool`` if given). Capture does not run it: the host counters
+    of ``layers`` it advanced are put back (each replay then advances them)."""
+    counters = [layer.host_counters() for layer in layers]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        step()
+    for layer, saved in zip(layers, counters):
+        layer.restore_counters(saved)
+    return graph
 
 
 def graph_generate(

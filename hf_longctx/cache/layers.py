@@ -373,7 +373,8 @@ class LongCtxLayer(CacheLayerMixin):
         self.keys.index_copy_(2, slot, key_states)
         self.values.index_copy_(2, slot, value_states)
         self.valid.index_fill_(1, slot, True)
-        self.scores.index_fill_(2, slot, 0.0)
+        if self.policy is not None:  # scores are a policy's
+            self.scores.index_fill_(2, slot, 0.0)
         slot.add_(1)
         self.stored_length += 1
         self.cumulative_length += 1
@@ -399,8 +400,7 @@ class LongCtxLayer(CacheLayerMixin):
         slots = self.static_length + torch.arange(self.block, device=self.device)
         self.keys.index_copy_(2, slots, key_states)
         self.values.index_copy_(2, slots, value_states)
-        self.valid.index_fill_(1, slots, True)
-        self.scores.index_fill_(2, slots, 0.0)
+        self.valid.index_fill_(1, slots, True)  # (no scores: a block runs without a policy)
         announce(self, self.keys)
         return self.keys, self.values
 

@@ -81,7 +81,7 @@ class DraftLength:
         ValueError: ``longest`` < 1.
     """
 
-    def __init__(self, longest: int, start: int = 2, warmup: int = 3, skip: int = 2):
+    def __init__(self, longest: int, start: int = 2, warmup: int = 5, skip: int = 2):
         if isinstance(longest, bool) or not isinstance(longest, int) or longest < 1:
             raise ValueError(f"DraftLength: `longest` must be an integer >= 1, got {longest!r}")
         self.longest, self.warmup, self.skip = longest, warmup, skip
@@ -92,7 +92,7 @@ class DraftLength:
 
     def next(self) -> int:
         """The next round's draft length."""
-        if self.rounds.get(self.current, 0) < self.skip + self.warmup:
+        if self.rounds.get(self.current, 0) < self.skip + self.warmup or not self.tokens:
             return self.current
         best = max(self.tokens, key=self.rate)
         for drafts in (best - 1, best + 1):

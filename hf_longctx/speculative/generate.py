@@ -17,6 +17,10 @@ output equals plain generate row by row, and sampling keeps the target's distrib
 
 Rounds without drafts (the last token, and an adaptive call's plain steps) are plain decoding steps: through
 the drafter's graph-captured step where it has one (``SelfDraft`` with ``cuda_graphs``).
+
+Self-speculation with ``cuda_graphs`` runs whole rounds on the device instead (``rounds.StaticRounds``, one CUDA
+graph per draft length) wherever the call allows it (``rounds.unsupported_reason``); otherwise the rounds above run,
+and a warning says why.
 """
 
 from __future__ import annotations
@@ -123,19 +127,16 @@ def speculative_generate(
     else:
         cache = _own_cache(model, cache, generation_config, feature.cuda_graphs)
         mask = model_kwargs.get("attention_mask")
+        draft_view(feature, cache)  # its errors first
         with _kv_attention(model):
-            longest = feature.max_draft_tokens if feature.num_draft_tokens == "adaptive" else feature.num_draft_tokens
-            reason = None
-            if feature.cuda_graphs:
-                if feature.num_draft_tokens == "adaptive":
-                    longest = min(longest, rounds.longest_block(model, longest))
-                reason = rounds.unsupported_reason(model, cache, _per_row(model, cache, max(longest, 0) + 1),
-                                                   max(longest, 1), logits_processor, stopping_criteria, streamer)
-                if reason is not None:
-                    logger.warning_once(f"Speculative(cuda_graphs=True): {reason}; the rounds run eagerly, with "
-                                        "graph-replayed draft steps")
+            drafts = rounds.most_drafts(model, feature)
+            reason = rounds.unsupported_reason(model, cache, _full_attention(model, cache), drafts, logits_processor,
+                                               stopping_criteria, streamer) if feature.cuda_graphs else None
+            if reason is not None:
+                logger.warning_once(f"Speculative(cuda_graphs=True): {reason}; the rounds run eagerly, with "
+                                    "graph-replayed draft steps")
             if feature.cuda_graphs and reason is None:
-                sequences = _decode_static(model, cache, feature, longest, input_ids, mask, logits_processor,
+                sequences = _decode_static(model, cache, feature, drafts, input_ids, mask, logits_processor,
                                            stopping_criteria, generation_config)
             else:
                 sequences = _decode(model, cache, SelfDraft(model, cache, feature), feature, input_ids, mask,
@@ -180,21 +181,18 @@ def _kv_attention(model: PreTrainedModel) -> Iterator[None]:
         model.set_attn_implementation(previous)
 
 
-def _per_row(model: PreTrainedModel, cache: Cache, verify_rows: int) -> bool:
-    """Whether rows may advance by their own counts: every layer is full attention (windows count slots; a
-    ``LongCtxCache(cuda_graphs=True)`` holds sliding-window layers in ``LongCtxLayer``s too), and on CUDA the
-    attention kernel's decode path takes the verification's ``verify_rows`` queries with holes in the mask."""
-    config = model.config.get_text_config(decoder=True)
-    if model.device.type == "cuda":
-        from ..kernels import sink_window
-
-        heads = config.num_attention_heads
-        groups = heads // (getattr(config, "num_key_value_heads", None) or heads)
-        if not sink_window.takes_holes(verify_rows, groups):
-            return False
-    stock = DynamicCache(config=config).layers
+def _full_attention(model: PreTrainedModel, cache: Cache) -> bool:
+    """Whether every layer is full attention (windows count slots; a ``LongCtxCache(cuda_graphs=True)`` holds
+    sliding-window layers in ``LongCtxLayer``s too), so that rows may advance by their own counts."""
+    stock = DynamicCache(config=model.config.get_text_config(decoder=True)).layers
     return all(type(layer) is DynamicLayer for layer in stock) and all(
         isinstance(layer, LongCtxLayer) or type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _per_row(model: PreTrainedModel, cache: Cache, verify_rows: int) -> bool:
+    """Whether rows may advance by their own counts: every layer is full attention, and the attention kernel's
+    decode path takes the verification's ``verify_rows`` queries with holes in the mask."""
+    return rounds.kernel_takes(model, verify_rows) and _full_attention(model, cache)
 
 
 def _decode_static(
@@ -222,7 +220,7 @@ def _decode_static(
         while going_on:
             drafts = adaptive.next() if adaptive is not None else longest
             clock = time.perf_counter()
-            going_on, accepted, all_accepted, rows = state.run(drafts)
+            going_on, accepted, rows = state.run(drafts)
             if adaptive is not None:
                 adaptive.record(drafts, time.perf_counter() - clock, accepted, rows)
     finally:

@@ -15,7 +15,7 @@ A round runs on the device from start to end, with no host read inside it:
    length limit (``sequences.emitted``).
 
 On CUDA each (draft length, buffer addresses) gets one graph, captured after an eager warm-up round and replayed
-from then on; the host advances its mirrors of the counters and reads four numbers a round (rows still active,
+from then on; the host advances its mirrors of the counters and reads three numbers a round (rows still active,
 and the round's acceptance). On CPU the same rounds run eagerly. G = 0 is a plain decoding step in the same frame
 (a block of one token).
 
@@ -37,36 +37,48 @@ from transformers.generation import EosTokenCriteria, LogitsProcessorList, MaxLe
 
 from ..attention.kv import moves_sinks, static_rule
 from ..cache import LongCtxCache, LongCtxLayer
-from ..config import SinkAttention
-from .sequences import _IDS_FREE, emitted
+from ..cache.graphs import capture, warm_up
+from ..config import SinkAttention, Speculative
+from .sequences import IDS_FREE, emitted
 from .verify import greedy_accept, sample_accept, sample_from
 
 
-def longest_block(model: PreTrainedModel, longest: int) -> int:
-    """The most draft tokens a round may verify in one block: ``longest``, or fewer on CUDA where the kernel's decode
-    path takes at most so many query rows (``sink_window.takes_holes``)."""
+def kernel_takes(model: PreTrainedModel, rows: int) -> bool:
+    """Whether the attention kernel's decode path takes ``rows`` query rows with holes in the mask on this model
+    (``sink_window.takes_holes``); always off CUDA, where the reference runs."""
     if model.device.type != "cuda":
-        return longest
+        return True
     from ..kernels import sink_window
 
     config = model.config.get_text_config(decoder=True)
     heads = config.num_attention_heads
-    groups = heads // (getattr(config, "num_key_value_heads", None) or heads)
-    return max((g for g in range(longest + 1) if sink_window.takes_holes(g + 1, groups)), default=-1)
+    return sink_window.takes_holes(rows, heads // (getattr(config, "num_key_value_heads", None) or heads))
 
 
-def unsupported_reason(model: PreTrainedModel, cache: LongCtxCache, per_row: bool, drafts: int,
+def most_drafts(model: PreTrainedModel, speculative: Speculative) -> int:
+    """The most draft tokens a round will have: the fixed length, or with ``"adaptive"`` ``max_draft_tokens``
+    capped by the verification rows the kernel takes (0 when it takes none)."""
+    if speculative.num_draft_tokens != "adaptive":
+        return speculative.num_draft_tokens
+    return max((g for g in range(speculative.max_draft_tokens + 1) if kernel_takes(model, g + 1)), default=0)
+
+
+def unsupported_reason(model: PreTrainedModel, cache: LongCtxCache, full_attention: bool, drafts: int,
                        processors: LogitsProcessorList, stopping: StoppingCriteriaList, streamer) -> str | None:
-    """Why this call cannot run ``StaticRounds`` of up to ``drafts`` draft tokens (None: it can)."""
-    if cache.kv is not None or not all(isinstance(layer, LongCtxLayer) for layer in cache.layers):
-        return "the cache evicts or holds layers that are not LongCtxLayers"
-    if not per_row:
+    """Why this call cannot run ``StaticRounds`` of up to ``drafts`` draft tokens (None: it can);
+    ``full_attention``: whether every layer of the model and cache is full attention."""
+    if drafts < 1 or not kernel_takes(model, drafts + 1):
+        return f"{drafts + 1} verification rows per key/value head exceed the attention kernel's decode path"
+    if not all(isinstance(layer, LongCtxLayer) for layer in cache.layers):
+        return "a cache layer is not a LongCtxLayer (build the cache with LongCtxCache(model, cuda_graphs=True))"
+    if not full_attention:
         return "a layer is not full attention (rows cannot advance by their own counts)"
     if streamer is not None:
         return "a streamer is given"
     for processor in processors:
-        if not isinstance(processor, _IDS_FREE):
-            return f"the logits processor {type(processor).__name__} reads the ids (only {[p.__name__ for p in _IDS_FREE]})"
+        if not isinstance(processor, IDS_FREE):
+            return (f"the logits processor {type(processor).__name__} reads the ids (only "
+                    f"{[kind.__name__ for kind in IDS_FREE]})")
     for criterion in stopping:
         if not isinstance(criterion, (MaxLengthCriteria, EosTokenCriteria)):
             return f"the stopping criterion {type(criterion).__name__} (only max length and EOS)"
@@ -74,8 +86,6 @@ def unsupported_reason(model: PreTrainedModel, cache: LongCtxCache, per_row: boo
         return "no max length"
     if moves_sinks(static_rule(model.config.get_text_config(decoder=True), None)):
         return "the patched sink rule moves its sinks (positions='cache' or distance_limit)"
-    if longest_block(model, drafts) < drafts:
-        return f"{drafts + 1} query rows per key/value head exceed the attention kernel's decode path"
     return None
 
 
@@ -109,7 +119,7 @@ class StaticRounds:
         self.active = torch.ones(batch, dtype=torch.bool, device=device)
         self.token = input_ids.new_zeros(batch)  # the round's first token (not in the cache yet)
         self.position = input_ids.new_zeros(batch)  # its position id
-        self.status = input_ids.new_zeros(4)  # active rows; over the round's rows: accepted drafts, all accepted, rows
+        self.status = input_ids.new_zeros(3)  # rows still active; over the round's active rows: accepted drafts, rows
         self.cache_position = None
         if "cache_position" in inspect.signature(model.base_model.forward).parameters:  # transformers 5.17
             self.cache_position = input_ids.new_zeros(longest + 1)
@@ -154,12 +164,11 @@ class StaticRounds:
         return torch.cat([self.input_ids, self.out[:, : int(self.counts.max())]], dim=1)
 
     @torch.no_grad()
-    def run(self, drafts: int) -> tuple[int, int, int, int]:
+    def run(self, drafts: int) -> tuple[int, int, int]:
         """One round with ``drafts`` draft tokens: replayed (captured first, after an eager warm-up) or eager.
 
         Returns:
-            (rows still active, accepted drafts summed over the round's active rows, those rows that accepted all
-            drafts, the round's active rows): one host read.
+            (rows still active, accepted drafts summed over the round's active rows, those rows): one host read.
         """
         self._make_room(drafts)
         if self.cache_position is not None:
@@ -172,15 +181,14 @@ class StaticRounds:
             self.eager_rounds += 1
         elif graph is None and signature != self._warm:  # new addresses or length: warm up eagerly, capture next
             self._warm = signature
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                self._round(drafts)
-            torch.cuda.current_stream(self.device).wait_stream(side)
+            warm_up(self.device, lambda: self._round(drafts))
             self.eager_rounds += 1
         else:
             if graph is None:
-                graph = self.captured[signature] = self._capture(drafts)
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                graph = self.captured[signature] = capture(self.layers, lambda: self._round(drafts), self._pool)
+                self.captures += 1
             graph.replay()
             for layer in self.layers:
                 layer.advance_block(drafts + 1)
@@ -196,19 +204,6 @@ class StaticRounds:
         self.captured, self._warm = {}, None
         for layer in self.layers:
             layer.reserve_static(max(drafts + 2, layer.stored_length))
-
-    def _capture(self, drafts: int) -> torch.cuda.CUDAGraph:
-        """Record one round (capture does not run it: the host counters it moved are put back)."""
-        counters = [layer.host_counters() for layer in self.layers]
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            self._round(drafts)
-        for layer, saved in zip(self.layers, counters):
-            layer.restore_counters(saved)
-        self.captures += 1
-        return graph
 
     def _round(self, drafts: int) -> None:
         """The round's device work (module docstring); the tensors it keeps are the buffers of ``__init__``."""
@@ -241,8 +236,7 @@ class StaticRounds:
         self._emit(columns, offsets <= accepted[:, None])
         self.token.copy_(next_token)
         self.position.add_(accepted + 1)
-        self.status.copy_(torch.stack([self.active.sum(), (accepted * rows).sum(),
-                                       ((accepted == drafts) & rows).sum(), rows.sum()]))
+        self.status.copy_(torch.stack([self.active.sum(), (accepted * rows).sum(), rows.sum()]))
 
     def _emit(self, columns: torch.Tensor, real: torch.Tensor) -> None:
         """Append each active row's ``real`` columns ((B, k) int64 tokens, (B, k) bool) to its output."""

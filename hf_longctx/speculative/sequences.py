@@ -24,7 +24,7 @@ from transformers.generation import (
 )
 
 # Processors whose output does not depend on the ids they are given: applied once for the whole batch.
-_IDS_FREE = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+IDS_FREE = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 
 class Sequences:
@@ -78,7 +78,7 @@ class Sequences:
         """
         if len(processor) == 0:
             return logits
-        if all(isinstance(step, _IDS_FREE) for step in processor):
+        if all(isinstance(step, IDS_FREE) for step in processor):
             return processor(self.slots, logits)
         sequences = self.sequences()
         scores = torch.empty_like(logits)
