@@ -301,6 +301,12 @@ def test_static_block_with_q_start(monkeypatch, sink, window, device_start):
     torch.testing.assert_close(ref, cut, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("length", [90, 128, 1024, 1000])
+def test_row_cumsum_in_chunks_equals_cumsum(length):
+    values = (torch.rand(3, length, generator=torch.Generator().manual_seed(length)) < 0.7).to(torch.int32)
+    assert torch.equal(sw._row_cumsum(values), values.cumsum(dim=1, dtype=torch.int32))
+
+
 def test_q_start_outside_decoding_raises():
     q, k, v = make_inputs(1, 4, 2, 5, 90, 32)
     with pytest.raises(ValueError, match="`q_start` is for decoding only"):

@@ -931,6 +931,19 @@ def _envelope(kv_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([first, first + count], dim=1).to(torch.int32).contiguous(), end
 
 
+def _row_cumsum(values: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+    """Inclusive cumulative sum along dim 1 of a (B, S) int32 tensor, in chunks of ``chunk`` columns scanned side by
+    side, then the chunks' offsets: a scan of a few long rows (decoding: B rows of a whole cache buffer) runs on few
+    thread blocks and takes tens of microseconds; the chunked one fills the GPU."""
+    rows, length = values.shape
+    if length % chunk or length <= chunk:
+        return values.cumsum(dim=1, dtype=torch.int32)
+    parts = values.reshape(rows, length // chunk, chunk).cumsum(dim=2, dtype=torch.int32)
+    totals = parts[:, :, -1]
+    offsets = totals.cumsum(dim=1, dtype=torch.int32) - totals
+    return (parts + offsets[:, :, None]).reshape(rows, length)
+
+
 def hole_layout(kv_valid: torch.Tensor, sink_tokens: int, window: int | None, q_len: int,
                 q_start: torch.Tensor | int | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """The decode path's view of a (B, Skv) padding mask with holes (e.g. the rejected draft slots of speculative
@@ -949,7 +962,7 @@ def hole_layout(kv_valid: torch.Tensor, sink_tokens: int, window: int | None, q_
     """
     spans, end = _envelope(kv_valid)
     real = kv_valid.to(torch.int32)
-    seen = real.cumsum(dim=1, dtype=torch.int32)  # real tokens up to and including each slot
+    seen = _row_cumsum(real)  # real tokens up to and including each slot
     before = seen - real
     positions = torch.where(kv_valid.to(torch.bool), before, -1).to(torch.int32).contiguous()
     first = spans[:, 0]
