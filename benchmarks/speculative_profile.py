@@ -5,7 +5,8 @@ benchmarks/speculative.py at one context and batch.
 
 Measures, each a mean over ``--replays`` graph replays with a device synchronisation around the batch of them:
 - one plain decoding step (``GraphDecoder``, the step ``lc.graph_generate`` replays), over its own cache;
-- one round of ``StaticRounds`` for G = 0 (a plain step in the rounds' frame), 1, 2, 4 and 8 draft tokens;
+- one round of ``StaticRounds`` for G = 0 (its plain step, with the token emitted on the device), 1, 2, 4 and 8
+  draft tokens;
 then fits t(G) = t(0) + G * s (s: one draft step through the view) and states the speedup the costs allow at
 each per-row tokens-per-round figure, and the KV bytes a plain step reads against the GPU's bandwidth. Last, a
 torch.profiler table of a few replays of the G = 4 round (kernels by device time). Writes
@@ -95,7 +96,8 @@ def main() -> int:
         f"with its host read (as in generation). `PYTHONPATH=. python benchmarks/speculative_profile.py`.\n",
         "| step | ms |", "|---|---|",
         f"| plain step (GraphDecoder replay, graph_generate's step) | {plain:.3f} |",
-        *[f"| round, G = {g} ({g} draft steps + a block of {g + 1}) | {rounds[g]:.3f} |" for g in LENGTHS],
+        *[f"| round, G = {g} ({f'{g} draft steps + a block of {g + 1}' if g else 'a plain step'}) | {rounds[g]:.3f} |"
+          for g in LENGTHS],
         f"| fitted draft step s = (t(G) - t(0)) / G | {slope:.3f} |", "",
         f"KV read by a plain step: {kv_bytes / 1e9:.2f} GB ({kv_bytes / 1e9 / (plain / 1000) / 1e3:.2f} TB/s "
         f"at the measured step time).", "",

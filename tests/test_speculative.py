@@ -567,6 +567,23 @@ def test_static_rounds_equal_generate(family, monkeypatch):
                 assert accepted > 0 and len(calls) < 23, (accepted, len(calls))
 
 
+def test_static_rounds_switched_off_are_plain_steps(monkeypatch):
+    """Adaptive rounds that settle on G = 0 (forced here) are plain static steps: generate's tokens, no block."""
+    from hf_longctx.cache import LongCtxLayer
+    from hf_longctx.speculative import DraftLength
+
+    monkeypatch.setattr(DraftLength, "next", lambda self: 0)
+    blocks = []
+    begin = LongCtxLayer.begin_block
+    monkeypatch.setattr(LongCtxLayer, "begin_block", lambda self, n: (blocks.append(n), begin(self, n))[1])
+    model, calls = tiny_model("llama"), count_static_rounds(monkeypatch)
+    ids, mask = left_padded(4, 24, 96)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    spec = lc.Speculative(draft="self", draft_kv=VIEW, num_draft_tokens="adaptive", cuda_graphs=True)
+    got = model.generate(**kwargs, custom_generate=lc.speculative_generate, speculative=spec)
+    assert torch.equal(got, model.generate(**kwargs)) and len(calls) == 11 and not blocks
+
+
 def test_static_rounds_stop_at_eos_per_row(monkeypatch):
     """Rows that reach EOS at different rounds stop there (padded afterwards), as plain generate's do."""
     model, calls = tiny_model("llama"), count_static_rounds(monkeypatch)

@@ -16,8 +16,8 @@ A round runs on the device from start to end, with no host read inside it:
 
 On CUDA each (draft length, buffer addresses) gets one graph, captured after an eager warm-up round and replayed
 from then on; the host advances its mirrors of the counters and reads three numbers a round (rows still active,
-and the round's acceptance). On CPU the same rounds run eagerly. G = 0 is a plain decoding step in the same frame
-(a block of one token).
+and the round's acceptance). On CPU the same rounds run eagerly. G = 0 is a plain decoding step: the one-token
+static step ``lc.graph_generate`` replays, its token emitted on the device.
 
 What the frame costs: every round takes G + 1 slots whatever it accepts (the holes are read as masked keys), and
 the buffers grow (the graphs are then captured again) when the slots run out. What it needs
@@ -207,6 +207,9 @@ class StaticRounds:
 
     def _round(self, drafts: int) -> None:
         """The round's device work (module docstring); the tensors it keeps are the buffers of ``__init__``."""
+        if drafts == 0:
+            self._plain_step()
+            return
         batch = self.token.shape[0]
         tokens, probs, ids = [], [], self.token[:, None]
         for layer in self.layers:
@@ -237,6 +240,17 @@ class StaticRounds:
         self.token.copy_(next_token)
         self.position.add_(accepted + 1)
         self.status.copy_(torch.stack([self.active.sum(), (accepted * rows).sum(), rows.sum()]))
+
+    def _plain_step(self) -> None:
+        """A round without drafts: the one-token static step plain decoding replays (no block to accept), its token
+        emitted."""
+        logits = self._forward(self.token[:, None], self.position[:, None], 0)[:, 0]
+        token, _ = self._choose(self._process(logits))
+        rows = self.active.clone()
+        self._emit(token[:, None], torch.ones_like(rows)[:, None])
+        self.token.copy_(token)
+        self.position.add_(1)
+        self.status.copy_(torch.stack([self.active.sum(), torch.zeros_like(self.active.sum()), rows.sum()]))
 
     def _emit(self, columns: torch.Tensor, real: torch.Tensor) -> None:
         """Append each active row's ``real`` columns ((B, k) int64 tokens, (B, k) bool) to its output."""
