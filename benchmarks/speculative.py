@@ -11,7 +11,8 @@ Parts (each runs on its own: a failure is logged and the next part runs):
   credited to speculation. CUDA graphs on both sides (``--graphs``, the default): plain decoding is
   ``lc.graph_generate`` and self-speculation replays whole rounds (``Speculative(cuda_graphs=True)``:
   ``hf_longctx.speculative.rounds``); ``--no-graphs`` runs both eagerly.
-- ``lengths``: self-speculation at 32K batch 1, temperature 0: fixed draft lengths 1..8 against ``"adaptive"``.
+- ``lengths``: self-speculation at 32K batch 1 (``--lengths-batch``), temperature 0: fixed draft lengths 1..8
+  against ``"adaptive"`` (``--lengths``).
 - ``draft``: draft-model speculation (``model_cards/longctx-draft-3m``, its cache bounded by ``streaming:1024``)
   against HF assisted generation (``assistant_model=``, stock caches) with the same pair, batch 1, 32K.
 - ``cost``: the cost structure on a Llama-3-8B-shaped target with RANDOM weights (acceptance is meaningless
@@ -19,8 +20,9 @@ Parts (each runs on its own: a failure is logged and the next part runs):
   pass of G + 1 queries, at 8K/32K/128K batch 1; the speedup these costs give at an assumed per-token acceptance
   a is E(a) * t_plain / (G * t_draft + t_verify), E(a) = (1 - a^(G+1)) / (1 - a) (reported as a model).
 
-Decode rates come from two runs of different lengths (the prefill cancels out): tokens/s = B * (n2 - n1) /
-(t2 - t1). Mean accepted length = tokens emitted per row per verification round (the round's own token
+Decode rates come from runs of two lengths (the prefill cancels out), the median time of ``repeats`` runs of each
+(3 with --quick, else 10): tokens/s = B * (n2 - n1) / (t2 - t1); the lengths part also reports the fixed cost a
+call, the intercept t1 - B * n1 / rate (prefill, graph captures, an adaptive rule's exploration). Mean accepted length = tokens emitted per row per verification round (the round's own token
 included), counted in the run of length n2; at batch > 1 the rounds go on until the slowest row has its n2
 tokens, so it is the slowest row's rate (rows advance by their own counts). Writes ``speculative.csv`` (one row per measurement, appended) and
 ``speculative.md`` into --out; the markdown table is printed last.
@@ -32,6 +34,7 @@ import argparse
 import csv
 import datetime as _dt
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -94,7 +97,8 @@ class Recorder:
             "# Speculative decoding (issue 7)", "",
             f"Device {self.info['device']}; torch {self.info['torch']}, triton {self.info['triton']}, "
             f"transformers {self.info['transformers']}; bf16. Produced by `PYTHONPATH=. python "
-            "benchmarks/speculative.py --out OUT`. Rates from two runs of different lengths (prefill cancelled). "
+            "benchmarks/speculative.py --out OUT`. Rates from the median times of runs of two lengths (prefill "
+            "cancelled). "
             f"Plain and speculative runs use the same LongCtxCache and `longctx_kv` attention; CUDA graphs "
             f"{self.info['graphs']}. The `cost` rows are an 8B-shaped model with RANDOM weights: times only, "
             "speedups there are a model at the stated acceptance, not measured acceptance.", "",
@@ -147,8 +151,8 @@ class RoundCounter:
         def run(state, drafts):
             status = counter._run(state, drafts)
             counter.static_rounds += 1
-            counter.row_tokens += status[1] + status[2]
-            counter.row_rounds += status[2]
+            counter.row_tokens += status.accepted + status.rows
+            counter.row_rounds += status.rows
             return status
 
         StaticRounds.run = run
@@ -179,25 +183,29 @@ class RoundCounter:
             self.rounds += 1
 
 
-def decode_rate(run, batch: int, n1: int, n2: int, counter: RoundCounter | None = None) -> tuple[float, float | None]:
-    """(tokens/s, mean accepted) from runs of n1 and n2 new tokens; ``run(n)`` generates n tokens."""
+def decode_rate(run, batch: int, n1: int, n2: int, counter: RoundCounter | None = None,
+                repeats: int = 1) -> tuple[float, float | None, float]:
+    """(tokens/s, mean accepted, fixed seconds a call) from runs of n1 and n2 new tokens, ``repeats`` of each after
+    one warm-up run, their median times: ``run(n)`` generates n tokens. The fixed seconds (prefill, graph captures,
+    an adaptive rule's exploration) are the line's intercept: t(n1) - batch n1 / rate."""
+
+    def seconds(n):
+        sync()
+        start = time.perf_counter()
+        run(n)
+        sync()
+        return time.perf_counter() - start
+
     run(n1)  # warm-up (compiles, allocations)
-    sync()
-    start = time.perf_counter()
-    run(n1)
-    sync()
-    t1 = time.perf_counter() - start
+    t1 = statistics.median(seconds(n1) for _ in range(repeats))
     if counter is not None:
         counter.reset()
-    start = time.perf_counter()
-    run(n2)
-    sync()
-    t2 = time.perf_counter() - start
+    t2 = statistics.median(seconds(n2) for _ in range(repeats))
     accepted = None
     if counter is not None and counter.total():
-        accepted = (n2 - 1) / counter.total()  # the first token comes from the prefill
+        accepted = repeats * (n2 - 1) / counter.total()  # the first token comes from the prefill
     rate = batch * (n2 - n1) / (t2 - t1) if t2 > t1 else float("nan")  # nan: noise exceeded the difference
-    return rate, accepted
+    return rate, accepted, t1 - batch * n1 / rate
 
 
 def load_pair(device):
@@ -242,19 +250,20 @@ def part_pair(rec, args, pair, device):
         for batch in args.batches:
             ids = held_out_ids(tokenizer, context, batch, device)
             for temperature in (0.0, 0.8):
-                spec = lc.Speculative(draft="self", draft_kv="streaming:1024", num_draft_tokens=args.gamma,
+                spec = lc.Speculative(draft="self", draft_kv=args.view, num_draft_tokens=args.gamma,
                                       cuda_graphs=args.graphs)
                 try:
-                    plain, _ = decode_rate(generate_fn(target, ids, temperature, args.graphs), batch, args.n1, args.n2)
+                    plain, _, _ = decode_rate(generate_fn(target, ids, temperature, args.graphs), batch, args.n1,
+                                              args.n2, repeats=args.repeats)
                     rec.add(part="pair", context=context, batch=batch, temperature=temperature, method="plain",
                             tokens_per_s=plain, ms_per_token=1000 * batch / plain)
                     counter = RoundCounter(target)
-                    ours, accepted = decode_rate(
+                    ours, accepted, _ = decode_rate(
                         generate_fn(target, ids, temperature, args.graphs, custom_generate=lc.speculative_generate,
-                                    speculative=spec), batch, args.n1, args.n2, counter)
+                                    speculative=spec), batch, args.n1, args.n2, counter, args.repeats)
                     counter.remove()
                     rec.add(part="pair", context=context, batch=batch, temperature=temperature,
-                            method=f"self, view streaming:1024, G={args.gamma}", tokens_per_s=ours,
+                            method=f"self, view {args.view}, G={args.gamma}", tokens_per_s=ours,
                             ms_per_token=1000 * batch / ours, mean_accepted=accepted, speedup=ours / plain,
                             note=row_note(counter))
                 except Exception as error:  # noqa: BLE001 - log and go on
@@ -267,27 +276,27 @@ def part_pair(rec, args, pair, device):
 
 def part_lengths(rec, args, pair, device):
     tokenizer, target, _ = pair
-    context = args.contexts[-1]
-    ids = held_out_ids(tokenizer, context, 1, device)
+    context, batch = args.contexts[-1], args.lengths_batch
+    ids = held_out_ids(tokenizer, context, batch, device)
     n1, n2 = args.lengths_tokens
-    plain, _ = decode_rate(generate_fn(target, ids, 0.0, args.graphs), 1, n1, n2)
-    rec.add(part="lengths", context=context, batch=1, temperature=0.0, method="plain", tokens_per_s=plain,
-            ms_per_token=1000 / plain)
-    for gamma in [*range(1, 9), "adaptive"]:
+    plain, _, fixed = decode_rate(generate_fn(target, ids, 0.0, args.graphs), batch, n1, n2, repeats=args.repeats)
+    rec.add(part="lengths", context=context, batch=batch, temperature=0.0, method="plain", tokens_per_s=plain,
+            ms_per_token=1000 * batch / plain, note=f"fixed {1000 * fixed:.0f} ms a call")
+    for gamma in args.lengths:
         try:
-            spec = lc.Speculative(draft="self", draft_kv="streaming:1024", num_draft_tokens=gamma,
+            spec = lc.Speculative(draft="self", draft_kv=args.view, num_draft_tokens=gamma,
                                   max_draft_tokens=8, threshold=args.threshold, cuda_graphs=args.graphs)
             counter = RoundCounter(target)
-            ours, accepted = decode_rate(generate_fn(target, ids, 0.0, args.graphs,
-                                                     custom_generate=lc.speculative_generate,
-                                                     speculative=spec), 1, n1, n2, counter)
+            ours, accepted, fixed = decode_rate(generate_fn(target, ids, 0.0, args.graphs,
+                                                            custom_generate=lc.speculative_generate,
+                                                            speculative=spec), batch, n1, n2, counter, args.repeats)
             counter.remove()
-            rec.add(part="lengths", context=context, batch=1, temperature=0.0, method=f"self G={gamma}",
-                    tokens_per_s=ours, ms_per_token=1000 / ours, mean_accepted=accepted, speedup=ours / plain,
-                    note=row_note(counter))
+            rec.add(part="lengths", context=context, batch=batch, temperature=0.0, method=f"self G={gamma}",
+                    tokens_per_s=ours, ms_per_token=1000 * batch / ours, mean_accepted=accepted, speedup=ours / plain,
+                    note=f"{row_note(counter)}; fixed {1000 * fixed:.0f} ms a call")
         except Exception as error:  # noqa: BLE001
             traceback.print_exc()
-            rec.add(part="lengths", context=context, batch=1, method=f"self G={gamma}: error",
+            rec.add(part="lengths", context=context, batch=batch, method=f"self G={gamma}: error",
                     note=f"{type(error).__name__}: {str(error)[:120]}")
 
 
@@ -298,8 +307,8 @@ def part_draft(rec, args, pair, device):
     bounded = lc.patch(draft, kv="streaming:1024")
     spec = lc.Speculative(draft=bounded, draft_kv="streaming:1024", num_draft_tokens=args.gamma)
     counter = RoundCounter(target)
-    ours, accepted = decode_rate(generate_fn(target, ids, 0.0, custom_generate=lc.speculative_generate,
-                                             speculative=spec), 1, args.n1, args.n2, counter)
+    ours, accepted, _ = decode_rate(generate_fn(target, ids, 0.0, custom_generate=lc.speculative_generate,
+                                                speculative=spec), 1, args.n1, args.n2, counter, args.repeats)
     counter.hook.remove()
     rec.add(part="draft", context=context, batch=1, temperature=0.0, method=f"ours: draft-3m, G={args.gamma}",
             tokens_per_s=ours, ms_per_token=1000 / ours, mean_accepted=accepted, note="no CUDA graphs (eager)")
@@ -309,7 +318,7 @@ def part_draft(rec, args, pair, device):
         def assisted(n):
             return target.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                                    do_sample=False, assistant_model=draft)
-        theirs, _ = decode_rate(assisted, 1, args.n1, args.n2)
+        theirs, _, _ = decode_rate(assisted, 1, args.n1, args.n2, repeats=args.repeats)
         rec.add(part="draft", context=context, batch=1, temperature=0.0, method="HF assisted (sdpa, DynamicCache)",
                 tokens_per_s=theirs, ms_per_token=1000 / theirs, speedup=ours / theirs,
                 note="speedup = ours / HF assisted")
@@ -385,19 +394,24 @@ def main() -> int:
     parser.add_argument("--cost-contexts", default="8192,32768,131072")
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--gamma", type=int, default=4, help="fixed draft length of the comparisons")
+    parser.add_argument("--view", default="streaming:1024", help="self-speculation's draft view (pair, lengths)")
+    parser.add_argument("--lengths", default="1,2,3,4,5,6,7,8,adaptive", help="draft lengths of the lengths part")
+    parser.add_argument("--lengths-batch", type=int, default=1, help="batch of the lengths part")
     parser.add_argument("--threshold", type=float, default=0.4, help="adaptive confidence threshold")
     parser.add_argument("--cost-tiny", action="store_true", help="cost part on a tiny model (CPU smoke test)")
     parser.add_argument("--chunk", type=int, default=4096, help="prefill chunk of the cost part")
     parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="CUDA graphs on both sides of pair/lengths (plain: graph_generate; speculation: whole rounds)")
-    parser.add_argument("--lengths-tokens", default="64,320",
-                        help="n1,n2 new tokens of the lengths part (adaptive's warm-up rounds must be a small part)")
+    parser.add_argument("--lengths-tokens", default="128,640",
+                        help="n1,n2 new tokens of the lengths part (the rate is the steady one: an adaptive rule's "
+                             "exploration, like the prefill and the captures, is in the fixed cost a call, reported)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     args.contexts = [int(x) for x in args.contexts.split(",")]
     args.cost_contexts = [int(x) for x in args.cost_contexts.split(",")]
     args.batches = [int(x) for x in args.batches.split(",")]
     args.lengths_tokens = [int(x) for x in args.lengths_tokens.split(",")]
+    args.lengths = [x if x == "adaptive" else int(x) for x in args.lengths.split(",")]
     args.n1, args.n2 = (16, 48) if args.quick else (32, 160)
     args.repeats = 3 if args.quick else 10
     rec = Recorder(Path(args.out), {**versions(), "graphs": "on both sides" if args.graphs else "off on both sides"})

@@ -563,7 +563,7 @@ def test_static_rounds_equal_generate(family, monkeypatch):
             assert torch.equal(out.sequences, expected), (batch, drafts)
             assert calls and not any(layer.static or layer.block for layer in out.past_key_values.layers)
             if drafts == 3:
-                accepted = sum(status[1] for _, status in calls)
+                accepted = sum(status.accepted for _, status in calls)
                 assert accepted > 0 and len(calls) < 23, (accepted, len(calls))
 
 
@@ -646,30 +646,45 @@ def test_rounds_fall_back_to_eager_rounds_and_say_why(monkeypatch, caplog):
     assert "the logits processor MinLengthLogitsProcessor reads the ids" in caplog.text
 
 
-def test_draft_length_climbs_to_the_best_measured_rate():
-    """DraftLength: each length is timed after its untimed rounds; the rule tries the best length's untried
-    neighbours, then keeps the best measured rate (G = 0, plain steps, included)."""
+def test_draft_length_runs_the_best_modelled_length():
+    """DraftLength: the start length, then G = 0, then the length maximising E(G) / t(G) from the pooled
+    acceptance and the timed costs (untimed lengths interpolated, then timed once chosen); rounds that warm up or
+    capture are not timed; speculation goes off where no length beats plain steps."""
     from hf_longctx.speculative import DraftLength
 
-    def climb(tokens_per_round, seconds_per_round, rounds=60):
-        rule, chosen = DraftLength(8, start=2, warmup=2, skip=1), []
+    def run(acceptance, seconds, rounds=80, rows=1000):
+        rule, chosen, seen = DraftLength(8, start=3, warmup=2), [], {}
         for _ in range(rounds):
             drafts = rule.next()
             chosen.append(drafts)
-            rows = 4  # accepted drafts summed over the rows: each row emits tokens_per_round[G] a round
-            rule.record(drafts, seconds_per_round[drafts], rows * (tokens_per_round[drafts] - 1), rows)
-        return chosen
+            seen[drafts] = seen.get(drafts, 0) + 1
+            steady = seen[drafts] > 2  # the first two rounds of a length: an eager warm-up and a capture
+            reached = [round(rows * acceptance ** j) for j in range(1, drafts + 1)]
+            rule.record(drafts, seconds[drafts] if steady else 100.0, rows, reached, steady)
+        return chosen, rule
 
-    tokens = {g: 1 + 0.8 * g for g in range(9)}
-    # G = 1 has the best rate (1.8 / 1.2 against 1 / 1.0 plain and 2.6 / 2.4 for G = 2)
-    chosen = climb(tokens, {g: {0: 1.0, 1: 1.2}.get(g, 1.0 + 0.7 * g) for g in range(9)})
-    assert chosen[:3] == [2, 2, 2] and chosen[3:6] == [1, 1, 1] and chosen[6:9] == [0, 0, 0]
-    assert set(chosen[9:]) == {1}
-    # cheap drafts: the climb goes up until the rate falls (G = 5 here: 5 / 1.25 ... against G = 6: 5.8 / 1.5)
-    cheap = climb(tokens, {g: 1.0 + 0.05 * g * g for g in range(9)})
-    assert cheap[-1] == max(range(9), key=lambda g: tokens[g] / (1.0 + 0.05 * g * g))
+    def rate(acceptance, seconds, drafts):
+        return sum(acceptance ** j for j in range(drafts + 1)) / seconds[drafts]
+
+    def best(acceptance, seconds):
+        return max(range(9), key=lambda g: rate(acceptance, seconds, g))
+
+    # G = 1 is cheap: the cost line through G = 3 and 0 underrates it; timed, it wins
+    seconds = {g: {0: 1.0, 1: 1.2}.get(g, 1.0 + 0.7 * g) for g in range(9)}
+    chosen, rule = run(0.8, seconds)
+    assert chosen[:4] == [3] * 4 and chosen[4:8] == [0] * 4 and chosen[8:12] == [1] * 4
+    assert set(chosen[12:]) == {1} == {best(0.8, seconds)}
+    assert rule.expected_tokens(2) == pytest.approx(1 + 0.8 + 0.64, abs=1e-3)
+    assert rule.cost(2) == pytest.approx((1.2 + 3.1) / 2)  # untimed: between the timed neighbours
+    # cheap drafts: longer lengths pay; each is timed before it is kept, and the one kept is within 1% of the best
+    # (the line through timed lengths overrates a convex cost's middle: here it stops at G = 4 of the best 5)
+    cheap = {g: 1.0 + 0.02 * g * g for g in range(9)}
+    chosen, rule = run(0.9, cheap)
+    assert chosen[-1] > 3 and rule.timed(chosen[-1]) and set(chosen[-10:]) == {chosen[-1]}
+    assert rate(0.9, cheap, chosen[-1]) > 0.99 * rate(0.9, cheap, best(0.9, cheap))
     # drafts as dear as a step and rarely accepted: plain steps
-    assert climb({g: 1 + 0.1 * g for g in range(9)}, {g: 1.0 + g for g in range(9)})[-1] == 0
+    chosen, _ = run(0.1, {g: 1.0 + g for g in range(9)})
+    assert set(chosen[8:]) == {0}
     with pytest.raises(ValueError, match="`longest` must be an integer >= 1"):
         DraftLength(0)
 

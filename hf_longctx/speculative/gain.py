@@ -65,51 +65,84 @@ class SpeculationGain:
 
 class DraftLength:
     """``num_draft_tokens="adaptive"`` for graph-captured rounds (``rounds.StaticRounds``): each round's draft length,
-    chosen on the host from rates the call measured (tokens per row per second of rounds of each length), with no
-    device read inside a round.
+    chosen on the host to maximise the modelled tokens per row per second E(G) / t(G), from what the call measured;
+    no device read inside a round.
 
-    A length is measured over ``warmup`` timed rounds, after ``skip`` rounds that are not timed (an eager warm-up and
-    a graph capture). Starting at ``start``, the rule then tries the untried neighbours (G - 1, then G + 1) of the
-    best length measured so far, one at a time, and once both of the best one's neighbours are measured it runs the
-    best: a hill climb on measured rates, not on a cost model (the draft step's cost is not linear in G where
-    launches dominate). G = 0 (plain steps in the rounds' frame) is a length like the others, so speculation is
-    switched off where no length beats plain steps.
+    - Acceptance, pooled over every round whatever its length: a_j = the row-rounds that accepted their j-th draft
+      over those that drafted it with its j - 1 predecessors accepted; E(G) = 1 + sum_{j <= G} prod_{i <= j} a_i
+      tokens a round (positions no round has drafted yet take the rate of the last one drafted). Pooled over the
+      rows too, so at batch > 1 it models the mean row. A length's own tokens per round over a handful of rounds
+      are too noisy to rank lengths 5-10% apart; the pooled rates settle within a few rounds.
+    - Cost: t(G), the mean wall time of the length's ``steady`` rounds (graph replays: a round that warms up or
+      captures is not timed); a length with fewer than ``warmup`` of them gets the straight line through the two
+      timed lengths nearest it.
+    - Order: ``start`` first (its rounds measure the acceptance up to it), then G = 0 (plain steps: the cost line's
+      second point), then the model's best length; one not timed yet runs until it is (each length costs one eager
+      warm-up round and one capture), and the choice is made again after every round. G = 0 switches speculation
+      off (its rounds measure no acceptance, so only its cost's later rounds can turn it back on).
 
     Args:
-        longest: the most drafts a round may have (>= 1); start: the first length measured.
+        longest: the most drafts a round may have (>= 1); start: the first length (capped by ``longest``);
+        warmup: steady rounds that time a length.
     Raises:
         ValueError: ``longest`` < 1.
     """
 
-    def __init__(self, longest: int, start: int = 2, warmup: int = 5, skip: int = 2):
+    def __init__(self, longest: int, start: int = 3, warmup: int = 5):
         if isinstance(longest, bool) or not isinstance(longest, int) or longest < 1:
             raise ValueError(f"DraftLength: `longest` must be an integer >= 1, got {longest!r}")
-        self.longest, self.warmup, self.skip = longest, warmup, skip
+        self.longest, self.warmup = longest, warmup
         self.current = min(start, longest)
-        self.rounds: dict[int, int] = {}  # rounds run per length
-        self.seconds: dict[int, float] = {}  # timed seconds per length
-        self.tokens: dict[int, float] = {}  # timed tokens per row per length
+        self.steady: dict[int, int] = {}  # timed rounds per length
+        self.seconds: dict[int, float] = {}  # their summed wall time
+        self.drafted = [0] * longest  # per draft position j - 1: row-rounds that drafted it after j - 1 accepted
+        self.accepted = [0] * longest  # ... and accepted it
 
     def next(self) -> int:
         """The next round's draft length."""
-        if self.rounds.get(self.current, 0) < self.skip + self.warmup or not self.tokens:
+        if not self.timed(self.current):
             return self.current
-        best = max(self.tokens, key=self.rate)
-        for drafts in (best - 1, best + 1):
-            if 0 <= drafts <= self.longest and drafts not in self.rounds:
-                self.current = drafts
-                return drafts
-        self.current = best
-        return best
+        if not self.timed(0):
+            self.current = 0
+        else:
+            self.current = max(range(self.longest + 1), key=lambda g: self.expected_tokens(g) / self.cost(g))
+        return self.current
 
-    def record(self, drafts: int, seconds: float, accepted: int, rows: int) -> None:
-        """One round: its length, wall time, accepted drafts summed over its active rows, and those rows."""
-        done = self.rounds.get(drafts, 0)
-        self.rounds[drafts] = done + 1
-        if done >= self.skip and rows:
+    def record(self, drafts: int, seconds: float, rows: int, reached: list[int], steady: bool) -> None:
+        """One round: its length, wall time (s), the rows that took part, ``reached[j - 1]`` = those of them that
+        accepted at least j drafts (j = 1..drafts), and whether it was a replay (``steady``: no one-time work)."""
+        trials = rows
+        for position, count in enumerate(reached[:drafts]):
+            self.drafted[position] += trials
+            self.accepted[position] += count
+            trials = count
+        if steady:
+            self.steady[drafts] = self.steady.get(drafts, 0) + 1
             self.seconds[drafts] = self.seconds.get(drafts, 0.0) + seconds
-            self.tokens[drafts] = self.tokens.get(drafts, 0.0) + (accepted + rows) / rows
 
-    def rate(self, drafts: int) -> float:
-        """Measured tokens per row per second of rounds with ``drafts`` drafts."""
-        return self.tokens[drafts] / self.seconds[drafts] if self.seconds.get(drafts) else 0.0
+    def timed(self, drafts: int) -> bool:
+        """Whether ``drafts``' cost is measured (``warmup`` steady rounds)."""
+        return self.steady.get(drafts, 0) >= self.warmup
+
+    def expected_tokens(self, drafts: int) -> float:
+        """E(G): tokens a row emits in a round of ``drafts`` drafts under the pooled acceptance rates."""
+        expected, survive, rate = 1.0, 1.0, 0.0
+        for position in range(drafts):
+            if self.drafted[position]:
+                rate = self.accepted[position] / self.drafted[position]
+            survive *= rate
+            expected += survive
+        return expected
+
+    def cost(self, drafts: int) -> float:
+        """t(G) in seconds: measured, or on the line through the two timed lengths nearest ``drafts``."""
+        timed = sorted(g for g in self.steady if self.timed(g))
+        if drafts in timed:
+            return self.seconds[drafts] / self.steady[drafts]
+        below, above = [g for g in timed if g < drafts], [g for g in timed if g > drafts]
+        if below and above:
+            near = (below[-1], above[0])
+        else:
+            near = tuple(sorted(timed, key=lambda g: abs(g - drafts))[:2])
+        (g0, g1), (t0, t1) = near, (self.cost(g) for g in near)
+        return max(t0 + (t1 - t0) * (drafts - g0) / (g1 - g0), 1e-9)

@@ -220,9 +220,10 @@ def _decode_static(
         while going_on:
             drafts = adaptive.next() if adaptive is not None else longest
             clock = time.perf_counter()
-            going_on, accepted, rows = state.run(drafts)
+            status = state.run(drafts)
             if adaptive is not None:
-                adaptive.record(drafts, time.perf_counter() - clock, accepted, rows)
+                adaptive.record(drafts, time.perf_counter() - clock, status.rows, status.reached, status.steady)
+            going_on = status.active
     finally:
         state.stop()
     return state.output()

@@ -15,9 +15,9 @@ A round runs on the device from start to end, with no host read inside it:
    length limit (``sequences.emitted``).
 
 On CUDA each (draft length, buffer addresses) gets one graph, captured after an eager warm-up round and replayed
-from then on; the host advances its mirrors of the counters and reads three numbers a round (rows still active,
-and the round's acceptance). On CPU the same rounds run eagerly. G = 0 is a plain decoding step: the one-token
-static step ``lc.graph_generate`` replays, its token emitted on the device.
+from then on; the host advances its mirrors of the counters and reads one small vector a round (rows still active,
+and the round's acceptance per draft position: ``RoundStatus``). On CPU the same rounds run eagerly. G = 0 is a
+plain decoding step: the one-token static step ``lc.graph_generate`` replays, its token emitted on the device.
 
 What the frame costs: every round takes G + 1 slots whatever it accepts (the holes are read as masked keys), and
 the buffers grow (the graphs are then captured again) when the slots run out. What it needs
@@ -30,6 +30,7 @@ why.
 from __future__ import annotations
 
 import inspect
+from typing import NamedTuple
 
 import torch
 from transformers import PreTrainedModel
@@ -89,6 +90,20 @@ def unsupported_reason(model: PreTrainedModel, cache: LongCtxCache, full_attenti
     return None
 
 
+class RoundStatus(NamedTuple):
+    """What the host reads after a round (one transfer)."""
+
+    active: int  # rows still going on after it
+    rows: int  # rows that took part
+    reached: list[int]  # reached[j - 1]: rows of them that accepted at least j drafts (j = 1..drafts)
+    steady: bool  # replayed, or eager by design (no graphs): no warm-up or capture in its time
+
+    @property
+    def accepted(self) -> int:
+        """Accepted drafts summed over the rows that took part."""
+        return sum(self.reached)
+
+
 class StaticRounds:
     """The state and rounds of one self-speculative ``generate`` call (module docstring).
 
@@ -119,7 +134,7 @@ class StaticRounds:
         self.active = torch.ones(batch, dtype=torch.bool, device=device)
         self.token = input_ids.new_zeros(batch)  # the round's first token (not in the cache yet)
         self.position = input_ids.new_zeros(batch)  # its position id
-        self.status = input_ids.new_zeros(3)  # rows still active; over the round's active rows: accepted drafts, rows
+        self.status = input_ids.new_zeros(2 + longest)  # RoundStatus: active, rows, reached (as many as drafts)
         self.cache_position = None
         if "cache_position" in inspect.signature(model.base_model.forward).parameters:  # transformers 5.17
             self.cache_position = input_ids.new_zeros(longest + 1)
@@ -164,11 +179,11 @@ class StaticRounds:
         return torch.cat([self.input_ids, self.out[:, : int(self.counts.max())]], dim=1)
 
     @torch.no_grad()
-    def run(self, drafts: int) -> tuple[int, int, int]:
+    def run(self, drafts: int) -> RoundStatus:
         """One round with ``drafts`` draft tokens: replayed (captured first, after an eager warm-up) or eager.
 
         Returns:
-            (rows still active, accepted drafts summed over the round's active rows, those rows): one host read.
+            the round's ``RoundStatus`` (one host read).
         """
         self._make_room(drafts)
         if self.cache_position is not None:
@@ -176,6 +191,7 @@ class StaticRounds:
             torch.arange(stored, stored + drafts + 1, out=self.cache_position[: drafts + 1])
         signature = (drafts, *(layer.static_signature() for layer in self.layers))
         graph = self.captured.get(signature)
+        steady = not self.graphs or graph is not None
         if not self.graphs:
             self._round(drafts)
             self.eager_rounds += 1
@@ -193,7 +209,8 @@ class StaticRounds:
             for layer in self.layers:
                 layer.advance_block(drafts + 1)
             self.replays += 1
-        return tuple(self.status.tolist())
+        active, rows, *reached = self.status[: 2 + drafts].tolist()
+        return RoundStatus(active, rows, reached, steady)
 
     # ---------------------------------------------------------------------------------------- internals
     def _make_room(self, drafts: int) -> None:
@@ -239,7 +256,8 @@ class StaticRounds:
         self._emit(columns, offsets <= accepted[:, None])
         self.token.copy_(next_token)
         self.position.add_(accepted + 1)
-        self.status.copy_(torch.stack([self.active.sum(), (accepted * rows).sum(), rows.sum()]))
+        reached = ((accepted[:, None] > offsets[:drafts]) & rows[:, None]).sum(dim=0)
+        self.status[: 2 + drafts].copy_(torch.cat([torch.stack([self.active.sum(), rows.sum()]), reached]))
 
     def _plain_step(self) -> None:
         """A round without drafts: the one-token static step plain decoding replays (no block to accept), its token
@@ -250,7 +268,7 @@ class StaticRounds:
         self._emit(token[:, None], torch.ones_like(rows)[:, None])
         self.token.copy_(token)
         self.position.add_(1)
-        self.status.copy_(torch.stack([self.active.sum(), torch.zeros_like(self.active.sum()), rows.sum()]))
+        self.status[:2].copy_(torch.stack([self.active.sum(), rows.sum()]))
 
     def _emit(self, columns: torch.Tensor, real: torch.Tensor) -> None:
         """Append each active row's ``real`` columns ((B, k) int64 tokens, (B, k) bool) to its output."""
