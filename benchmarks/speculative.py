@@ -251,16 +251,17 @@ def part_pair(rec, args, pair, device):
             ids = held_out_ids(tokenizer, context, batch, device)
             for temperature in (0.0, 0.8):
                 spec = lc.Speculative(draft="self", draft_kv=args.view, num_draft_tokens=args.gamma,
-                                      cuda_graphs=args.graphs)
+                                      max_draft_tokens=8, cuda_graphs=args.graphs)
                 try:
-                    plain, _, _ = decode_rate(generate_fn(target, ids, temperature, args.graphs), batch, args.n1,
-                                              args.n2, repeats=args.repeats)
+                    n1, n2 = args.pair_tokens
+                    plain, _, _ = decode_rate(generate_fn(target, ids, temperature, args.graphs), batch, n1, n2,
+                                              repeats=args.repeats)
                     rec.add(part="pair", context=context, batch=batch, temperature=temperature, method="plain",
                             tokens_per_s=plain, ms_per_token=1000 * batch / plain)
                     counter = RoundCounter(target)
                     ours, accepted, _ = decode_rate(
                         generate_fn(target, ids, temperature, args.graphs, custom_generate=lc.speculative_generate,
-                                    speculative=spec), batch, args.n1, args.n2, counter, args.repeats)
+                                    speculative=spec), batch, n1, n2, counter, args.repeats)
                     counter.remove()
                     rec.add(part="pair", context=context, batch=batch, temperature=temperature,
                             method=f"self, view {args.view}, G={args.gamma}", tokens_per_s=ours,
@@ -393,10 +394,12 @@ def main() -> int:
     parser.add_argument("--contexts", default="8192,32768", help="contexts of the reference pair")
     parser.add_argument("--cost-contexts", default="8192,32768,131072")
     parser.add_argument("--batches", default="1,32")
-    parser.add_argument("--gamma", type=int, default=4, help="fixed draft length of the comparisons")
+    parser.add_argument("--gamma", default="4", help="draft length of the comparisons (pair: also 'adaptive')")
     parser.add_argument("--view", default="streaming:1024", help="self-speculation's draft view (pair, lengths)")
     parser.add_argument("--lengths", default="1,2,3,4,5,6,7,8,adaptive", help="draft lengths of the lengths part")
     parser.add_argument("--lengths-batch", type=int, default=1, help="batch of the lengths part")
+    parser.add_argument("--pair-tokens", default=None, help="n1,n2 new tokens of the pair part (default: 16,48 with "
+                        "--quick, else 32,160; at batch 32 a 32K prefill takes ~0.9 s: use more)")
     parser.add_argument("--threshold", type=float, default=0.4, help="adaptive confidence threshold")
     parser.add_argument("--cost-tiny", action="store_true", help="cost part on a tiny model (CPU smoke test)")
     parser.add_argument("--chunk", type=int, default=4096, help="prefill chunk of the cost part")
@@ -413,6 +416,10 @@ def main() -> int:
     args.lengths_tokens = [int(x) for x in args.lengths_tokens.split(",")]
     args.lengths = [x if x == "adaptive" else int(x) for x in args.lengths.split(",")]
     args.n1, args.n2 = (16, 48) if args.quick else (32, 160)
+    args.pair_tokens = [int(x) for x in args.pair_tokens.split(",")] if args.pair_tokens else [args.n1, args.n2]
+    args.gamma = args.gamma if args.gamma == "adaptive" else int(args.gamma)
+    if args.gamma == "adaptive" and {"draft", "cost"} & set(args.parts.split(",")):
+        parser.error("--gamma adaptive: the pair part only (draft and cost take a fixed length)")
     args.repeats = 3 if args.quick else 10
     rec = Recorder(Path(args.out), {**versions(), "graphs": "on both sides" if args.graphs else "off on both sides"})
     parts = args.parts.split(",")

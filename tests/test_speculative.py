@@ -685,6 +685,14 @@ def test_draft_length_runs_the_best_modelled_length():
     # drafts as dear as a step and rarely accepted: plain steps
     chosen, _ = run(0.1, {g: 1.0 + g for g in range(9)})
     assert set(chosen[8:]) == {0}
+    # batch 1: a poor start does not switch speculation off before min_trials rounds have drafted
+    rule, chosen = DraftLength(8, start=3, warmup=2, min_trials=16), []
+    for round_ in range(60):
+        drafts = rule.next()
+        chosen.append(drafts)
+        accepted = 0 if round_ < 8 else drafts  # nothing accepted at first, then every draft
+        rule.record(drafts, 1.0 + 0.5 * drafts, 1, [1] * accepted + [0] * (drafts - accepted), True)
+    assert 0 in chosen and chosen[-1] == 8
     with pytest.raises(ValueError, match="`longest` must be an integer >= 1"):
         DraftLength(0)
 

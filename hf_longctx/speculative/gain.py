@@ -79,19 +79,20 @@ class DraftLength:
     - Order: ``start`` first (its rounds measure the acceptance up to it), then G = 0 (plain steps: the cost line's
       second point), then the model's best length; one not timed yet runs until it is (each length costs one eager
       warm-up round and one capture), and the choice is made again after every round. G = 0 switches speculation
-      off (its rounds measure no acceptance, so only its cost's later rounds can turn it back on).
+      off, and its rounds measure no acceptance: so it is a candidate only once ``min_trials`` row-rounds have
+      drafted (at batch 1 a handful of rounds' acceptance would often switch speculation off for good by chance).
 
     Args:
         longest: the most drafts a round may have (>= 1); start: the first length (capped by ``longest``);
-        warmup: steady rounds that time a length.
+        warmup: steady rounds that time a length; min_trials: row-rounds drafted before G = 0 may be chosen.
     Raises:
         ValueError: ``longest`` < 1.
     """
 
-    def __init__(self, longest: int, start: int = 3, warmup: int = 5):
+    def __init__(self, longest: int, start: int = 3, warmup: int = 5, min_trials: int = 64):
         if isinstance(longest, bool) or not isinstance(longest, int) or longest < 1:
             raise ValueError(f"DraftLength: `longest` must be an integer >= 1, got {longest!r}")
-        self.longest, self.warmup = longest, warmup
+        self.longest, self.warmup, self.min_trials = longest, warmup, min_trials
         self.current = min(start, longest)
         self.steady: dict[int, int] = {}  # timed rounds per length
         self.seconds: dict[int, float] = {}  # their summed wall time
@@ -105,7 +106,9 @@ class DraftLength:
         if not self.timed(0):
             self.current = 0
         else:
-            self.current = max(range(self.longest + 1), key=lambda g: self.expected_tokens(g) / self.cost(g))
+            shortest = 0 if self.drafted[0] >= self.min_trials else 1
+            self.current = max(range(shortest, self.longest + 1),
+                               key=lambda g: self.expected_tokens(g) / self.cost(g))
         return self.current
 
     def record(self, drafts: int, seconds: float, rows: int, reached: list[int], steady: bool) -> None:
