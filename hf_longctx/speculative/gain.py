@@ -74,26 +74,30 @@ class DraftLength:
       rows too, so at batch > 1 it models the mean row. A length's own tokens per round over a handful of rounds
       are too noisy to rank lengths 5-10% apart; the pooled rates settle within a few rounds.
     - Cost: t(G), the mean wall time of the length's ``steady`` rounds (graph replays: a round that warms up or
-      captures is not timed); a length with fewer than ``warmup`` of them gets the straight line through the two
+      captures is not timed), each timed from the previous round's host read to its own, so that the host's work
+      between rounds counts; a length with fewer than ``warmup`` of them gets the straight line through the two
       timed lengths nearest it.
     - Order: ``start`` first (its rounds measure the acceptance up to it), then G = 0 (plain steps: the cost line's
       second point), then the model's best length; one not timed yet runs until it is (each length costs one eager
-      warm-up round and one capture), and the choice is made again after every round. G = 0 switches speculation
+      warm-up round and one capture), and the choice is made again once it is, and every ``refresh`` rounds (the
+      rule's own host time is a few per cent of a replayed round at batch 1). G = 0 switches speculation
       off, and its rounds measure no acceptance: so it is a candidate only once ``min_trials`` row-rounds have
       drafted (at batch 1 a handful of rounds' acceptance would often switch speculation off for good by chance).
 
     Args:
         longest: the most drafts a round may have (>= 1); start: the first length (capped by ``longest``);
-        warmup: steady rounds that time a length; min_trials: row-rounds drafted before G = 0 may be chosen.
+        warmup: steady rounds that time a length; min_trials: row-rounds drafted before G = 0 may be chosen;
+        refresh: rounds a timed choice is kept before the choice is made again.
     Raises:
         ValueError: ``longest`` < 1.
     """
 
-    def __init__(self, longest: int, start: int = 3, warmup: int = 5, min_trials: int = 64):
+    def __init__(self, longest: int, start: int = 3, warmup: int = 5, min_trials: int = 64, refresh: int = 16):
         if isinstance(longest, bool) or not isinstance(longest, int) or longest < 1:
             raise ValueError(f"DraftLength: `longest` must be an integer >= 1, got {longest!r}")
-        self.longest, self.warmup, self.min_trials = longest, warmup, min_trials
+        self.longest, self.warmup, self.min_trials, self.refresh = longest, warmup, min_trials, refresh
         self.current = min(start, longest)
+        self.kept = -1  # rounds since the choice was made, once its length is timed (-1: to be made)
         self.steady: dict[int, int] = {}  # timed rounds per length
         self.seconds: dict[int, float] = {}  # their summed wall time
         self.drafted = [0] * longest  # per draft position j - 1: row-rounds that drafted it after j - 1 accepted
@@ -105,10 +109,13 @@ class DraftLength:
             return self.current
         if not self.timed(0):
             self.current = 0
+        elif 0 <= self.kept < self.refresh:
+            self.kept += 1
         else:
             shortest = 0 if self.drafted[0] >= self.min_trials else 1
             self.current = max(range(shortest, self.longest + 1),
                                key=lambda g: self.expected_tokens(g) / self.cost(g))
+            self.kept = 0 if self.timed(self.current) else -1
         return self.current
 
     def record(self, drafts: int, seconds: float, rows: int, reached: list[int], steady: bool) -> None:

@@ -217,12 +217,14 @@ def _decode_static(
     logits = forward_unseen(model, cache, input_ids, attention_mask, keep=1)[:, 0]
     try:
         going_on = state.start(logits, reserve=2 * room + 2 * (longest + 2))
+        clock = time.perf_counter()
         while going_on:
             drafts = adaptive.next() if adaptive is not None else longest
-            clock = time.perf_counter()
             status = state.run(drafts)
-            if adaptive is not None:
-                adaptive.record(drafts, time.perf_counter() - clock, status.rows, status.reached, status.steady)
+            if adaptive is not None:  # a round's time: from the previous round's host read to its own
+                now = time.perf_counter()
+                adaptive.record(drafts, now - clock, status.rows, status.reached, status.steady)
+                clock = now
             going_on = status.active
     finally:
         state.stop()
