@@ -565,6 +565,12 @@ def test_static_rounds_equal_generate(family, monkeypatch):
             if drafts == 3:
                 accepted = sum(status.accepted for _, status in calls)
                 assert accepted > 0 and len(calls) < 23, (accepted, len(calls))
+            for length, status in calls:  # per draft position: rows that accepted at least that many drafts
+                assert len(status.reached) == length and status.rows >= max(status.reached, default=0)
+                assert status.reached == sorted(status.reached, reverse=True)
+            if batch == 1:  # the prefill's token, then each round's accepted drafts and its own token (the last cut)
+                emitted = [1 + sum(status.accepted + 1 for _, status in calls[:n]) for n in range(len(calls) + 1)]
+                assert emitted[-2] < 24 <= emitted[-1], emitted
 
 
 def test_static_rounds_switched_off_are_plain_steps(monkeypatch):
