@@ -22,9 +22,10 @@ Parts (each runs on its own: a failure is logged and the next part runs):
 
 Decode rates come from runs of two lengths (the prefill cancels out), the median time of ``repeats`` runs of each
 (3 with --quick, else 10): tokens/s = B * (n2 - n1) / (t2 - t1); the lengths part also reports the fixed cost a
-call, the intercept t1 - B * n1 / rate (prefill, graph captures, an adaptive rule's exploration). Mean accepted length = tokens emitted per row per verification round (the round's own token
-included), counted in the run of length n2; at batch > 1 the rounds go on until the slowest row has its n2
-tokens, so it is the slowest row's rate (rows advance by their own counts). Writes ``speculative.csv`` (one row per measurement, appended) and
+call, the intercept t1 - B * n1 / rate (prefill, graph captures, an adaptive rule's exploration). Mean accepted
+length = tokens emitted per row per verification round (the round's own token included), counted in the runs of
+length n2; at batch > 1 the rounds go on until the slowest row has its n2 tokens, so it is the slowest row's rate
+(rows advance by their own counts). Writes ``speculative.csv`` (one row per measurement, appended) and
 ``speculative.md`` into --out; the markdown table is printed last.
 """
 
@@ -399,13 +400,14 @@ def main() -> int:
     parser.add_argument("--lengths", default="1,2,3,4,5,6,7,8,adaptive", help="draft lengths of the lengths part")
     parser.add_argument("--lengths-batch", type=int, default=1, help="batch of the lengths part")
     parser.add_argument("--pair-tokens", default=None, help="n1,n2 new tokens of the pair part (default: 64,320 with "
-                        "--quick, else 128,640: at batch 32 a 32K prefill takes ~0.9 s; G = 4 measured 0.39x plain over "
-                        "16,48 tokens, 0.94x over 64,320)")
+                        "--quick, else 128,640: at batch 32 a 32K prefill takes ~0.9 s; G = 4 measured 0.39x plain "
+                        "over 16,48 tokens, 0.94x over 64,320)")
     parser.add_argument("--threshold", type=float, default=0.4, help="adaptive confidence threshold")
     parser.add_argument("--cost-tiny", action="store_true", help="cost part on a tiny model (CPU smoke test)")
     parser.add_argument("--chunk", type=int, default=4096, help="prefill chunk of the cost part")
     parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=True,
-                        help="CUDA graphs on both sides of pair/lengths (plain: graph_generate; speculation: whole rounds)")
+                        help="CUDA graphs on both sides of pair/lengths (plain: graph_generate; speculation: "
+                             "whole rounds)")
     parser.add_argument("--lengths-tokens", default="128,640",
                         help="n1,n2 new tokens of the lengths part (the rate is the steady one: an adaptive rule's "
                              "exploration, like the prefill and the captures, is in the fixed cost a call, reported)")

@@ -104,8 +104,8 @@ def main() -> int:
         "Speedup over the plain step the costs allow, E tokens a row per round: E * plain / t(G):", "",
         "| G | " + " | ".join(f"E={e}" for e in (1.5, 2, 2.5, 3, 4, 5)) + " |",
         "|---|" + "---|" * 6,
-        *[f"| {g} | " + " | ".join(f"{e * plain / rounds[g]:.2f}" if e <= g + 1 else "-" for e in (1.5, 2, 2.5, 3, 4, 5))
-          + " |" for g in LENGTHS if g],
+        *[f"| {g} | " + " | ".join(f"{e * plain / rounds[g]:.2f}" if e <= g + 1 else "-"
+                                   for e in (1.5, 2, 2.5, 3, 4, 5)) + " |" for g in LENGTHS if g],
     ]
     table = "\n".join(lines) + "\n"
     print(table)

@@ -196,9 +196,10 @@ def _static_attention(module, layer, query, key, value, scaling, sliding_window,
 
 def _shared_layout_call(layer, query, key, value, sinks, window, kv_valid, q_start, kwargs) -> torch.Tensor | None:
     """(B, Sq, H, D) contiguous: the kernel's decode path over a static step's masked slots, or None where the kernel
-    cannot take the call (CPU tensors outside the Triton interpreter among them). The mask's layout (``sink_window.hole_layout``, some twenty small device ops) is computed
-    once per forward and shared by the layers that hold the same slots (``LongCtxLayer.shared``: layers without a
-    policy, whose validity and counter are equal), for the same rule and query rows."""
+    cannot take the call (CPU tensors outside the Triton interpreter among them). The mask's layout
+    (``sink_window.hole_layout``, some twenty small device ops) is computed once per forward and shared by the
+    layers that hold the same slots (``LongCtxLayer.shared``: layers without a policy, whose validity and counter
+    are equal), for the same rule and query rows."""
     try:
         from ..kernels import sink_window
     except ImportError:  # no usable triton: the dispatcher's reference

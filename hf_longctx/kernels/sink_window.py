@@ -911,7 +911,8 @@ def kv_valid_to_spans(kv_valid: torch.Tensor, check: bool = True) -> torch.Tenso
     With ``check`` (one host sync), a mask with holes raises ValueError. A row without real tokens
     gets the empty span (0, 0).
     """
-    spans, end = _envelope(kv_valid)
+    first, count, end = _envelope(kv_valid)
+    spans = torch.stack([first, first + count], dim=1).contiguous()
     if check and not torch.compiler.is_compiling() and bool((spans[:, 1] != end).any()):
         raise ValueError("kv_valid: this mask has holes (a row's real tokens are not one contiguous span: left or "
                          f"right padding); only decoding takes holes: no gradient, not under torch.compile, at most "
@@ -919,16 +920,16 @@ def kv_valid_to_spans(kv_valid: torch.Tensor, check: bool = True) -> torch.Tenso
     return spans
 
 
-def _envelope(kv_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """((B, 2) int32 [first real slot, first + number of real tokens), (B,) one past the last real slot); the
-    two ends differ exactly in the rows with holes. Rows without real tokens: (0, 0) and 0."""
+def _envelope(kv_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B,) int32 each: the first real slot, the number of real tokens, one past the last real slot (first + count
+    and end differ exactly in the rows with holes). Rows without real tokens: 0, 0, 0."""
     if kv_valid.dim() != 2:
         raise ValueError(f"kv_valid must be (B, Skv), got shape {tuple(kv_valid.shape)}")
     real = kv_valid.to(torch.int8)
     count = real.sum(dim=1, dtype=torch.int32)
     first = torch.where(count > 0, real.argmax(dim=1).to(torch.int32), 0)
     end = torch.where(count > 0, real.shape[1] - real.flip(1).argmax(dim=1).to(torch.int32), 0)
-    return torch.stack([first, first + count], dim=1).to(torch.int32).contiguous(), end
+    return first, count, end
 
 
 def _row_cumsum(values: torch.Tensor, chunk: int = 128) -> torch.Tensor:
@@ -960,12 +961,11 @@ def hole_layout(kv_valid: torch.Tensor, sink_tokens: int, window: int | None, q_
             first query row's window (the span's start without a window), the number of real tokens (the
             logical index of a query past the span, as in a static decoding step), and the first query row's slot.
     """
-    spans, end = _envelope(kv_valid)
+    first, _, end = _envelope(kv_valid)
     real = kv_valid.to(torch.int32)
     seen = _row_cumsum(real)  # real tokens up to and including each slot
     before = seen - real
     positions = torch.where(kv_valid.to(torch.bool), before, -1).to(torch.int32).contiguous()
-    first = spans[:, 0]
     B, S = real.shape
     if q_start is None or isinstance(q_start, int):  # a fill, not a host-to-device copy (CUDA-graph capture)
         q_slot = torch.full((B, 1), S - q_len if q_start is None else q_start, dtype=torch.int64, device=real.device)
@@ -981,7 +981,7 @@ def hole_layout(kv_valid: torch.Tensor, sink_tokens: int, window: int | None, q_
         win_lo = torch.maximum(torch.searchsorted(before, lowest)[:, 0].to(torch.int32), first)
     else:
         win_lo = first
-    spans = torch.stack([first, end], dim=1).to(torch.int32).contiguous()
+    spans = torch.stack([first, end], dim=1).contiguous()
     bounds = torch.stack([sink_end, win_lo, seen[:, -1], q_slot[:, 0].to(torch.int32)], dim=1)
     return spans, (positions, bounds.to(torch.int32).contiguous())
 

@@ -39,7 +39,7 @@ from transformers.utils import logging
 
 from ..attention.kv import KV_ATTENTION_NAME
 from ..cache import LongCtxCache, LongCtxLayer
-from ..config import Speculative, parse_feature
+from ..config import SinkAttention, Speculative, parse_feature
 from . import rounds
 from .drafter import Drafter, DraftModel, SelfDraft, draft_view
 from .forward import forward_unseen
@@ -127,7 +127,7 @@ def speculative_generate(
     else:
         cache = _own_cache(model, cache, generation_config, feature.cuda_graphs)
         mask = model_kwargs.get("attention_mask")
-        draft_view(feature, cache)  # its errors first
+        view = draft_view(feature, cache)  # its errors first
         with _kv_attention(model):
             drafts = rounds.most_drafts(model, feature)
             reason = rounds.unsupported_reason(model, cache, _full_attention(model, cache), drafts, logits_processor,
@@ -136,7 +136,7 @@ def speculative_generate(
                 logger.warning_once(f"Speculative(cuda_graphs=True): {reason}; the rounds run eagerly, with "
                                     "graph-replayed draft steps")
             if feature.cuda_graphs and reason is None:
-                sequences = _decode_static(model, cache, feature, drafts, input_ids, mask, logits_processor,
+                sequences = _decode_static(model, cache, view, feature, drafts, input_ids, mask, logits_processor,
                                            stopping_criteria, generation_config)
             else:
                 sequences = _decode(model, cache, SelfDraft(model, cache, feature), feature, input_ids, mask,
@@ -198,6 +198,7 @@ def _per_row(model: PreTrainedModel, cache: Cache, verify_rows: int) -> bool:
 def _decode_static(
     model: PreTrainedModel,
     cache: LongCtxCache,
+    view: SinkAttention,
     feature: Speculative,
     longest: int,
     input_ids: torch.Tensor,
@@ -206,11 +207,12 @@ def _decode_static(
     stopping_criteria: StoppingCriteriaList,
     generation_config: GenerationConfig,
 ) -> torch.Tensor:
-    """Self-speculation in graph-captured rounds (``rounds.StaticRounds``); a fixed draft length, or with
-    ``"adaptive"`` the length ``gain.DraftLength`` picks each round. Returns the (B, S + new) sequences."""
+    """Self-speculation in graph-captured rounds (``rounds.StaticRounds``) through the draft ``view``; a fixed draft
+    length, or with ``"adaptive"`` the length ``gain.DraftLength`` picks each round. Returns the (B, S + new)
+    sequences."""
     room, eos = stop_rule(stopping_criteria, input_ids.shape[1])
     pad = generation_config._pad_token_tensor
-    state = rounds.StaticRounds(model, cache, draft_view(feature, cache), logits_processor,
+    state = rounds.StaticRounds(model, cache, view, logits_processor,
                                 bool(generation_config.do_sample), input_ids, attention_mask, room, eos,
                                 None if pad is None else int(pad), longest)
     adaptive = DraftLength(longest) if feature.num_draft_tokens == "adaptive" else None
